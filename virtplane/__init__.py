@@ -1,0 +1,3 @@
+"""virtplane: a KubeVirt-compatible virtualization platform."""
+
+__version__ = "0.1.0"
