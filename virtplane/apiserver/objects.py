@@ -1,0 +1,658 @@
+"""Generic object storage: the Kubernetes semantics of every verb, over a `Store`.
+
+This is where create/update/patch/delete/list/watch get their meaning (uid, timestamps,
+generation, resourceVersion CAS, status kept apart from spec, finalizers, dryRun, admission).
+HTTP concerns stay in `handlers`; this module never sees a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import dataclasses
+import datetime
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+
+from virtplane.api import admission, patch, resources, validation
+from virtplane.api import apply as ssa
+from virtplane.apiserver import errors, registry, selectors
+from virtplane.store import interface as store_api
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+NAMESPACES = ("", "v1", "namespaces")
+_GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' generateName alphabet
+# Fields the system owns in metadata: never taken from a client's body.
+_SYSTEM_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def encode(obj: JSON) -> bytes:
+    meta = obj["metadata"]
+    rv = meta.pop("resourceVersion", None)
+    try:
+        return orjson.dumps(obj)
+    finally:
+        if rv is not None:
+            meta["resourceVersion"] = rv
+
+
+def decode(kv: store_api.KeyValue) -> JSON:
+    obj: JSON = orjson.loads(kv.value)
+    obj["metadata"]["resourceVersion"] = str(kv.mod_revision)
+    return obj
+
+
+@dataclasses.dataclass(slots=True)
+class WriteOptions:
+    dry_run: bool = False
+    field_manager: str = ""
+    field_validation: str = "Warn"  # Strict | Warn | Ignore
+    user: str = ""
+
+
+@dataclasses.dataclass(slots=True)
+class WriteResult:
+    obj: JSON
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(slots=True)
+class ListPage:
+    items: list[JSON]
+    revision: int
+    continue_token: str
+    remaining: int | None
+
+
+@dataclasses.dataclass(slots=True)
+class WatchEvent:
+    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK, ERROR
+    obj: JSON
+
+
+def _continue_token(key: str, revision: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps({"k": key, "rv": revision})).decode()
+
+
+def _parse_continue(token: str) -> str:
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(data["k"])
+    except Exception as exc:
+        raise errors.bad_request(f"invalid continue token: {exc}") from exc
+
+
+def spec_part(obj: JSON) -> JSON:
+    """Everything but metadata and status: what a change of bumps `generation`."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+class ObjectStore:
+    def __init__(self, store: store_api.Store, reg: registry.Registry) -> None:
+        self.store = store
+        self.registry = reg
+
+    # ---------------------------------------------------------------- reads
+
+    async def get(self, res: resources.Resource, namespace: str | None, name: str) -> JSON:
+        kv = await self.store.get(res.key(namespace, name))
+        if kv is None:
+            raise errors.not_found(res, name)
+        return decode(kv)
+
+    async def try_get(self, res: resources.Resource, namespace: str | None, name: str) -> JSON | None:
+        kv = await self.store.get(res.key(namespace, name))
+        return decode(kv) if kv is not None else None
+
+    async def list(
+        self,
+        res: resources.Resource,
+        namespace: str | None,
+        *,
+        match: selectors.Matcher | None = None,
+        limit: int = 0,
+        continue_token: str = "",
+    ) -> ListPage:
+        prefix = res.namespace_prefix(namespace)
+        start_after = _parse_continue(continue_token) if continue_token else None
+        items: list[JSON] = []
+        revision = 0
+        # With a selector, keep reading pages until `limit` matches are found or keys run out.
+        while True:
+            want = 0 if not limit else max(limit - len(items), 1)
+            page = await self.store.list(prefix, start_after=start_after, limit=want if not match else want * 4)
+            revision = revision or page.revision
+            for kv in page.kvs:
+                obj = decode(kv)
+                if match is None or match(obj):
+                    items.append(obj)
+                    if limit and len(items) >= limit:
+                        last_key = kv.key
+                        more = kv is not page.kvs[-1] or page.more
+                        if more:
+                            return ListPage(items, revision, _continue_token(last_key, revision), None)
+                        return ListPage(items, revision, "", None)
+            if not page.more or not page.kvs:
+                return ListPage(items, revision, "", None)
+            start_after = page.kvs[-1].key
+
+    # ---------------------------------------------------------------- writes
+
+    async def create(
+        self,
+        res: resources.Resource,
+        namespace: str | None,
+        body: JSON,
+        opts: WriteOptions,
+        *,
+        managed_fields: list[JSON] | None = None,
+    ) -> WriteResult:
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise errors.bad_request("metadata must be an object")
+        self._check_type_meta(res, obj)
+        if res.namespaced:
+            body_ns = meta.get("namespace")
+            if body_ns and body_ns != namespace:
+                raise errors.bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request"
+                )
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + "".join(
+                secrets.choice(_GENERATE_ALPHABET) for _ in range(5)
+            )
+        for f in (*_SYSTEM_META, "resourceVersion", "selfLink", "managedFields"):
+            meta.pop(f, None)
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = now_rfc3339()
+        meta["generation"] = 1
+        if res.status_subresource and res.from_crd:
+            obj.pop("status", None)
+        warnings = self._admit(res, obj, None, "CREATE", opts)
+        name = meta["name"]
+        if res.namespaced:
+            await self._check_namespace_open(namespace or "")
+        if managed_fields is not None:
+            meta["managedFields"] = managed_fields  # server-side apply already recorded ownership
+        else:
+            self._record_manager(obj, None, opts, "Update")
+        if opts.dry_run:
+            if await self.store.get(res.key(namespace, name)) is not None:
+                raise errors.already_exists(res, name)
+            return WriteResult(obj, warnings)
+        try:
+            kv = await self.store.create(res.key(namespace, name), encode(obj))
+        except store_api.KeyExistsError as exc:
+            raise errors.already_exists(res, name) from exc
+        meta["resourceVersion"] = str(kv.mod_revision)
+        return WriteResult(obj, warnings)
+
+    async def update(
+        self,
+        res: resources.Resource,
+        namespace: str | None,
+        name: str,
+        body: JSON,
+        opts: WriteOptions,
+        *,
+        subresource: str = "",
+    ) -> WriteResult:
+        new = copy.deepcopy(body)
+        meta = new.get("metadata")
+        if not isinstance(meta, dict):
+            raise errors.bad_request("metadata must be an object")
+        self._check_type_meta(res, new)
+        if meta.get("name") and meta["name"] != name:
+            raise errors.bad_request(
+                f'the name of the object ({meta["name"]}) does not match the name on the URL ({name})'
+            )
+        if res.namespaced and meta.get("namespace") and meta["namespace"] != namespace:
+            raise errors.bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
+        key = res.key(namespace, name)
+        kv = await self.store.get(key)
+        if kv is None:
+            raise errors.not_found(res, name)
+        old = decode(kv)
+        rv = meta.get("resourceVersion")
+        if rv:
+            if rv != old["metadata"]["resourceVersion"]:
+                raise errors.conflict(res, name)
+        elif res.from_crd:
+            raise errors.invalid(
+                res,
+                res.kind,
+                name,
+                [resources.Cause("FieldValueInvalid", "must be specified for an update",
+                                 "metadata.resourceVersion")],
+            )
+        return await self._write_update(res, key, kv, old, new, opts, subresource)
+
+    async def patch(
+        self,
+        res: resources.Resource,
+        namespace: str | None,
+        name: str,
+        patch_type: str,
+        body: Any,
+        opts: WriteOptions,
+        *,
+        subresource: str = "",
+        force: bool = False,
+    ) -> WriteResult:
+        key = res.key(namespace, name)
+        for _attempt in range(20):
+            kv = await self.store.get(key)
+            if kv is None:
+                if patch_type == "apply":
+                    applied = copy.deepcopy(body)
+                    applied.setdefault("metadata", {})["name"] = name
+                    created = ssa.server_side_apply(
+                        None, applied, manager=opts.field_manager or "unknown", force=force,
+                        list_keys=self._merge_keys(res), now=now_rfc3339(),
+                    )
+                    managed = created.get("metadata", {}).pop("managedFields", None)
+                    return await self.create(res, namespace, created, opts, managed_fields=managed)
+                raise errors.not_found(res, name)
+            old = decode(kv)
+            new = self._apply_patch(res, old, patch_type, body, opts, force)
+            meta = new.setdefault("metadata", {})
+            if meta.get("resourceVersion") and meta["resourceVersion"] != old["metadata"]["resourceVersion"]:
+                raise errors.conflict(res, name)
+            meta["resourceVersion"] = old["metadata"]["resourceVersion"]
+            try:
+                return await self._write_update(
+                    res, key, kv, old, new, opts, subresource, record=patch_type != "apply"
+                )
+            except errors.StatusError as exc:
+                if exc.reason == "Conflict" and "has been modified" in exc.message:
+                    continue  # someone wrote between our read and CAS: patches retry like Kubernetes
+                raise
+        raise errors.conflict(res, name)
+
+    def _apply_patch(
+        self, res: resources.Resource, old: JSON, patch_type: str, body: Any, opts: WriteOptions, force: bool
+    ) -> JSON:
+        try:
+            if patch_type == "json":
+                if not isinstance(body, list):
+                    raise errors.bad_request("json patch must be a list of operations")
+                return patch.json_patch(old, body)
+            if not isinstance(body, dict):
+                raise errors.bad_request(f"{patch_type} patch must be a JSON object")
+            if patch_type == "merge":
+                return patch.json_merge_patch(old, body)
+            if patch_type == "strategic":
+                return patch.strategic_merge_patch(old, body, self._merge_keys(res))
+            if patch_type == "apply":
+                return ssa.server_side_apply(
+                    old, body, manager=opts.field_manager or "unknown", force=force,
+                    list_keys=self._merge_keys(res), now=now_rfc3339(),
+                )
+        except patch.PatchError as exc:
+            raise errors.StatusError(
+                exc.status,
+                exc.message,
+                causes=[resources.Cause("FieldValueInvalid", exc.message, exc.field)] if exc.field else (),
+                details=getattr(exc, "details", None),
+            ) from exc
+        raise errors.StatusError(415, f"unsupported patch type {patch_type!r}")
+
+    def _merge_keys(self, res: resources.Resource) -> patch.MergeKeys:
+        if res.from_crd and res.schema is not None:
+            return patch.merge_keys_from_schema(res.schema)
+        return patch.builtin_merge_keys(res.group, res.kind)
+
+    async def _write_update(
+        self,
+        res: resources.Resource,
+        key: str,
+        kv: store_api.KeyValue,
+        old: JSON,
+        new: JSON,
+        opts: WriteOptions,
+        subresource: str,
+        *,
+        record: bool = True,
+    ) -> WriteResult:
+        meta = new.setdefault("metadata", {})
+        old_meta = old["metadata"]
+        for f in _SYSTEM_META:
+            if f in old_meta:
+                meta[f] = old_meta[f]
+            else:
+                meta.pop(f, None)
+        for f in ("name", "namespace"):
+            if f in old_meta:
+                meta[f] = old_meta[f]
+        if subresource == "status":
+            # A status write changes status only (labels/annotations too, as Kubernetes allows
+            # nothing else); the rest comes from the stored object.
+            status = new.get("status")
+            new = copy.deepcopy(old)
+            if status is None:
+                new.pop("status", None)
+            else:
+                new["status"] = status
+            meta = new["metadata"]
+        elif res.status_subresource:
+            if "status" in old:
+                new["status"] = old["status"]
+            else:
+                new.pop("status", None)
+        if old_meta.get("deletionTimestamp"):
+            # Finalizers may only be removed once deletion started (Kubernetes forbids adding).
+            added = set(meta.get("finalizers") or []) - set(old_meta.get("finalizers") or [])
+            if added:
+                raise errors.forbidden(
+                    f"no new finalizers can be added if the object is being deleted, found new finalizers "
+                    f"{sorted(added)!r}"
+                )
+        warnings = self._admit(res, new, old, "UPDATE", opts, subresource=subresource)
+        if spec_part(new) != spec_part(old) and subresource != "status":
+            meta["generation"] = int(old_meta.get("generation", 1)) + 1
+        if record:
+            self._record_manager(new, old, opts, "Update", subresource)
+        meta["resourceVersion"] = old_meta["resourceVersion"]
+        if new == old:
+            return WriteResult(old, warnings)  # no-op writes keep their resourceVersion, as in Kubernetes
+        if opts.dry_run:
+            return WriteResult(new, warnings)
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not self._namespace_finalizers(
+            res, new
+        ):
+            try:
+                await self.store.delete(key, expected_revision=kv.mod_revision)
+            except store_api.ConflictError as exc:
+                raise errors.conflict(res, meta["name"]) from exc
+            return WriteResult(new, warnings)
+        try:
+            nkv = await self.store.update(key, encode(new), expected_revision=kv.mod_revision)
+        except store_api.ConflictError as exc:
+            raise errors.conflict(res, meta["name"]) from exc
+        except store_api.KeyNotFoundError as exc:
+            raise errors.not_found(res, meta["name"]) from exc
+        meta["resourceVersion"] = str(nkv.mod_revision)
+        return WriteResult(new, warnings)
+
+    @staticmethod
+    def _namespace_finalizers(res: resources.Resource, obj: JSON) -> list[str]:
+        if res.group == "" and res.plural == "namespaces":
+            return list((obj.get("spec") or {}).get("finalizers") or [])
+        return []
+
+    async def delete(
+        self,
+        res: resources.Resource,
+        namespace: str | None,
+        name: str,
+        options: JSON,
+        opts: WriteOptions,
+    ) -> tuple[JSON, bool]:
+        """Returns (object, finished). finished=False when finalizers keep the object around."""
+        key = res.key(namespace, name)
+        for _attempt in range(20):
+            kv = await self.store.get(key)
+            if kv is None:
+                raise errors.not_found(res, name)
+            obj = decode(kv)
+            meta = obj["metadata"]
+            pre = options.get("preconditions") or {}
+            if pre.get("uid") and pre["uid"] != meta.get("uid"):
+                raise errors.conflict(
+                    res, name,
+                    f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {meta.get('uid')}",
+                )
+            if pre.get("resourceVersion") and pre["resourceVersion"] != meta["resourceVersion"]:
+                raise errors.conflict(
+                    res, name,
+                    f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
+                    f"ResourceVersion in object meta: {meta['resourceVersion']}",
+                )
+            policy = options.get("propagationPolicy")
+            if policy is None and options.get("orphanDependents") is not None:
+                policy = "Orphan" if options["orphanDependents"] else "Background"
+            if policy not in (None, "Background", "Foreground", "Orphan"):
+                raise errors.invalid(res, res.kind, name, [resources.Cause(
+                    "FieldValueNotSupported",
+                    f'Unsupported value: "{policy}": supported values: "Foreground", "Background", "Orphan"',
+                    "propagationPolicy")])
+            finalizers = list(meta.get("finalizers") or [])
+            if policy == "Foreground" and "foregroundDeletion" not in finalizers:
+                finalizers.append("foregroundDeletion")
+            if policy == "Orphan" and "orphan" not in finalizers:
+                finalizers.append("orphan")
+            ns_finalizers = self._namespace_finalizers(res, obj)
+            if finalizers or ns_finalizers:
+                if meta.get("deletionTimestamp") and finalizers == list(meta.get("finalizers") or []):
+                    return obj, False
+                new = copy.deepcopy(obj)
+                nmeta = new["metadata"]
+                nmeta.setdefault("deletionTimestamp", now_rfc3339())
+                nmeta.setdefault("deletionGracePeriodSeconds", 0)
+                nmeta["finalizers"] = finalizers
+                if ns_finalizers:
+                    new.setdefault("status", {})["phase"] = "Terminating"
+                if opts.dry_run:
+                    return new, False
+                try:
+                    nkv = await self.store.update(key, encode(new), expected_revision=kv.mod_revision)
+                except store_api.ConflictError:
+                    continue
+                nmeta["resourceVersion"] = str(nkv.mod_revision)
+                return new, False
+            if opts.dry_run:
+                return obj, True
+            try:
+                await self.store.delete(key, expected_revision=kv.mod_revision)
+            except store_api.ConflictError:
+                continue
+            except store_api.KeyNotFoundError as exc:
+                raise errors.not_found(res, name) from exc
+            return obj, True
+        raise errors.conflict(res, name)
+
+    async def guaranteed_update(
+        self,
+        res: resources.Resource,
+        namespace: str | None,
+        name: str,
+        mutate: Callable[[JSON], JSON | None],
+        *,
+        subresource: str = "",
+    ) -> JSON | None:
+        """Read-modify-CAS loop for the server's own writes; mutate returns None to skip."""
+        key = res.key(namespace, name)
+        for _attempt in range(50):
+            kv = await self.store.get(key)
+            if kv is None:
+                return None
+            old = decode(kv)
+            new = mutate(copy.deepcopy(old))
+            if new is None:
+                return old
+            try:
+                result = await self._write_update(
+                    res, key, kv, old, new, WriteOptions(field_validation="Ignore"), subresource, record=False
+                )
+            except errors.StatusError as exc:
+                if exc.code == 409:
+                    continue
+                raise
+            return result.obj
+        raise errors.conflict(res, name)
+
+    # ---------------------------------------------------------------- watch
+
+    async def watch(
+        self,
+        res: resources.Resource,
+        namespace: str | None,
+        *,
+        resource_version: str,
+        match: selectors.Matcher | None,
+        initial_end_marker: bool = False,
+    ) -> AsyncIterator[WatchEvent]:
+        """Kubernetes watch semantics: rv ""/"0" sends the current state as ADDED first.
+
+        With initial_end_marker (sendInitialEvents), an INITIAL_END event carrying the list's
+        revision follows the initial ADDED events, for the server's closing bookmark.
+        """
+        prefix = res.namespace_prefix(namespace)
+        if resource_version in ("", "0"):
+            page = await self.list(res, namespace, match=match)
+            start = page.revision
+            initial = page.items
+        else:
+            try:
+                start = int(resource_version)
+            except ValueError as exc:
+                raise errors.bad_request(f"invalid resourceVersion {resource_version!r}") from exc
+            initial = []
+        try:
+            w = self.store.watch(prefix, after_revision=start)
+        except store_api.CompactedError as exc:
+            raise errors.gone(f"too old resource version: {start} ({exc.compact_revision + 1})") from exc
+        return self._watch_events(w, initial, match, start if initial_end_marker else None)
+
+    async def _watch_events(
+        self, w: store_api.Watch, initial: list[JSON], match: selectors.Matcher | None, initial_end: int | None
+    ) -> AsyncIterator[WatchEvent]:
+        try:
+            for obj in initial:
+                yield WatchEvent("ADDED", obj)
+            if initial_end is not None:
+                yield WatchEvent("INITIAL_END", {"resourceVersion": str(initial_end)})
+            async for ev in w:
+                obj = decode(ev.kv)
+                if ev.type is store_api.EventType.DELETE:
+                    if match is None or match(obj):
+                        yield WatchEvent("DELETED", obj)
+                    continue
+                created = ev.kv.create_revision == ev.kv.mod_revision
+                if match is None:
+                    yield WatchEvent("ADDED" if created else "MODIFIED", obj)
+                    continue
+                now_m = match(obj)
+                if created:
+                    if now_m:
+                        yield WatchEvent("ADDED", obj)
+                    continue
+                prev_m = match(decode(ev.prev_kv)) if ev.prev_kv is not None else now_m
+                if now_m and prev_m:
+                    yield WatchEvent("MODIFIED", obj)
+                elif now_m:
+                    yield WatchEvent("ADDED", obj)
+                elif prev_m and ev.prev_kv is not None:
+                    yield WatchEvent("DELETED", obj)
+        except store_api.CompactedError as exc:
+            yield WatchEvent("ERROR", errors.gone(f"too old resource version: {exc.requested}").status())
+        except store_api.WatchClosedError:
+            return
+        finally:
+            await w.close()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_type_meta(self, res: resources.Resource, obj: JSON) -> None:
+        api_version, kind = obj.get("apiVersion"), obj.get("kind")
+        if api_version is not None and api_version != res.api_version:
+            # Same group, other version: accept when we serve that version for the kind.
+            group = api_version.rpartition("/")[0] if "/" in api_version else ""
+            if group != res.group:
+                raise errors.bad_request(
+                    f"the API version in the data ({api_version}) does not match the expected API version "
+                    f"({res.api_version})"
+                )
+        if kind is not None and kind != res.kind:
+            raise errors.bad_request(f"the kind in the data ({kind}) does not match the expected kind ({res.kind})")
+        obj["apiVersion"] = res.api_version
+        obj["kind"] = res.kind
+
+    def _admit(
+        self,
+        res: resources.Resource,
+        obj: JSON,
+        old: JSON | None,
+        operation: str,
+        opts: WriteOptions,
+        *,
+        subresource: str = "",
+    ) -> list[str]:
+        warnings: list[str] = []
+        validator = self.registry.validator(res)
+        if validator is not None:
+            unknown = validator.unknown_fields(obj)
+            if unknown:
+                if opts.field_validation == "Strict":
+                    raise errors.bad_request(
+                        f"{res.kind} in version \"{res.version}\" cannot be handled as a {res.kind}: "
+                        + "; ".join(f'strict decoding error: unknown field "{p}"' for p in unknown),
+                        causes=[resources.Cause("FieldValueInvalid", f'unknown field "{p}"', p) for p in unknown],
+                    )
+                if opts.field_validation != "Ignore":
+                    warnings.extend(f'unknown field "{p}"' for p in unknown)
+                validator.prune(obj)
+        if subresource != "status":
+            admission.mutate(res, obj, old, operation)
+        causes: list[resources.Cause] = []
+        causes.extend(
+            validation.validate_object_meta(
+                obj, res.namespaced, is_namespace_kind=(res.group == "" and res.plural == "namespaces")
+            )
+        )
+        if validator is not None:
+            causes.extend(validator.validate(obj))
+        if not causes and subresource != "status":
+            causes.extend(admission.validate(res, obj, old, operation))
+        if causes:
+            name = (obj.get("metadata") or {}).get("name") or (obj.get("metadata") or {}).get("generateName", "")
+            raise errors.invalid(res, res.kind, name, causes)
+        return warnings
+
+    def _record_manager(
+        self, obj: JSON, old: JSON | None, opts: WriteOptions, operation: str, subresource: str = ""
+    ) -> None:
+        if not opts.field_manager:
+            return
+        ssa.update_managed_fields(
+            old, obj, manager=opts.field_manager, operation=operation, subresource=subresource, now=now_rfc3339()
+        )
+
+    async def _check_namespace_open(self, namespace: str) -> None:
+        ns_res = self.registry.lookup(*NAMESPACES)
+        assert ns_res is not None
+        kv = await self.store.get(ns_res.key(None, namespace))
+        if kv is None:
+            raise errors.StatusError(
+                404, f'namespaces "{namespace}" not found', details={"name": namespace, "kind": "namespaces"}
+            )
+        if b'"deletionTimestamp"' in kv.value and decode(kv)["metadata"].get("deletionTimestamp"):
+            raise errors.forbidden(
+                f"unable to create new content in namespace {namespace} because it is being terminated"
+            )
+
+
+async def cancel_quietly(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass

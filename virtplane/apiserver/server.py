@@ -1,0 +1,371 @@
+"""The API server: an aiohttp application over one `Store`, stateless apart from caches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+import virtplane
+from virtplane.api import builtin, openapi, resources
+from virtplane.apiserver import auth, discovery, errors, handlers, metrics, objects, registry
+from virtplane.store import interface as store_api
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("virtplane.apiserver.access")
+JSON = dict[str, Any]
+
+KUBE_VERSION = {"major": "1", "minor": "32"}
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
+CRD_RESOURCE = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+
+
+@dataclasses.dataclass(slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 6443
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token_file: Path | None = None
+    advertise_address: str = ""  # host:port clients use, for discovery's serverAddressByClientCIDRs
+
+
+class APIServer:
+    def __init__(self, store: store_api.Store, config: ServerConfig) -> None:
+        self.store = store
+        self.config = config
+        self.registry = registry.Registry()
+        self.objects = objects.ObjectStore(store, self.registry)
+        self.metrics = metrics.Metrics()
+        self.authenticator = (
+            auth.TokenAuthenticator.from_file(config.token_file) if config.token_file else auth.TokenAuthenticator({})
+        )
+        self.authorizer = auth.Authorizer()
+        self.resource_handler = handlers.ResourceHandler(self)
+        self._subresources: dict[tuple[str, str, str], handlers.SubresourceHandler] = {}
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+        self._openapi_cache: dict[Any, bytes] = {}
+        self.watch_tasks: set[asyncio.Task[Any]] = set()  # open watch streams, ended on shutdown
+        self.bound_port: int = 0
+
+    # --------------------------------------------------------------- plug-ins
+
+    def register_subresource(self, group: str, plural: str, name: str, handler: handlers.SubresourceHandler) -> None:
+        """Later components plug in start/stop/console/vnc/...; `name` is the first path segment."""
+        self._subresources[(group, plural, name)] = handler
+
+    def subresource_handler(self, res: resources.Resource, sub: str) -> handlers.SubresourceHandler | None:
+        return self._subresources.get((res.group, res.plural, sub.split("/")[0]))
+
+    # --------------------------------------------------------------- lifecycle
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=handlers.MAX_BODY + 1024)
+        r = app.router
+        r.add_get("/healthz", self._health)
+        r.add_get("/livez", self._health)
+        r.add_get("/readyz", self._readyz)
+        r.add_get("/version", self._version)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/api", self._api)
+        r.add_get("/apis", self._apis)
+        r.add_get("/openapi/v2", self._openapi_v2)
+        r.add_get("/openapi/v3", self._openapi_v3_index)
+        r.add_get("/openapi/v3/{path:.*}", self._openapi_v3)
+        r.add_route("*", "/api/{tail:.*}", self._dispatch_core)
+        r.add_route("*", "/apis/{tail:.*}", self._dispatch_apis)
+        r.add_route("*", "/{tail:.*}", self._not_found)
+        return app
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self._bootstrap()
+        app = self.build_app()
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self._runner.setup()
+        ssl_ctx = None
+        if self.config.tls_cert and self.config.tls_key:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+            ssl_ctx.set_alpn_protocols(["http/1.1"])
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=ssl_ctx,
+                           reuse_address=True, backlog=1024)
+        await site.start()
+        server = site._server
+        if server is not None and server.sockets:  # type: ignore[attr-defined]
+            self.bound_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._ready.set()
+        log.info("API server listening", extra={"host": self.config.host, "port": self.bound_port})
+
+    async def stop(self) -> None:
+        self._ready.clear()
+        for t in [*self._tasks, *self.watch_tasks]:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.store.close()
+
+    async def _bootstrap(self) -> None:
+        """Default namespaces and virtplane's own CRDs, then serve every CRD in the store."""
+        ns_res = self.registry.lookup("", "v1", "namespaces")
+        crd_res = self.registry.lookup(*CRD_RESOURCE)
+        assert ns_res is not None and crd_res is not None
+        sys_opts = objects.WriteOptions(field_manager="virtplane-apiserver", field_validation="Ignore")
+        for ns in DEFAULT_NAMESPACES:
+            with contextlib.suppress(errors.StatusError):  # AlreadyExists on every restart
+                await self.objects.create(ns_res, None, {"metadata": {"name": ns}}, sys_opts)
+        for crd in builtin.bundled_crds():
+            name = crd["metadata"]["name"]
+            existing = await self.objects.try_get(crd_res, None, name)
+            try:
+                if existing is None:
+                    await self.objects.create(crd_res, None, crd, sys_opts)
+                elif existing.get("spec") != crd.get("spec"):
+                    await self.objects.guaranteed_update(
+                        crd_res, None, name, lambda o, spec=crd["spec"]: {**o, "spec": spec}
+                    )
+            except errors.StatusError as exc:
+                if exc.code != 409:
+                    raise
+        page = await self.objects.list(crd_res, None)
+        for crd in page.items:
+            await self._serve_crd(crd_res, crd)
+        self._tasks.append(asyncio.create_task(self._watch_crds(crd_res, page.revision)))
+
+    async def _serve_crd(self, crd_res: resources.Resource, crd: JSON) -> None:
+        name = crd["metadata"]["name"]
+        if crd["metadata"].get("deletionTimestamp"):
+            self.registry.set_crd(name, None)
+            return
+        try:
+            served = self.registry.set_crd(name, crd)
+        except Exception as exc:  # a broken user CRD must not take the server down
+            log.warning("cannot serve CRD %s: %s", name, exc)
+            return
+        conds = {c.get("type"): c.get("status") for c in (crd.get("status") or {}).get("conditions") or []}
+        if served and (conds.get("Established") != "True" or conds.get("NamesAccepted") != "True"):
+            now = objects.now_rfc3339()
+
+            def establish(obj: JSON) -> JSON:
+                obj["status"] = {
+                    "acceptedNames": obj["spec"]["names"],
+                    "storedVersions": [v["name"] for v in obj["spec"]["versions"] if v.get("storage")],
+                    "conditions": [
+                        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                         "message": "no conflicts found", "lastTransitionTime": now},
+                        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                         "message": "the initial names have been accepted", "lastTransitionTime": now},
+                    ],
+                }
+                return obj
+
+            with contextlib.suppress(errors.StatusError):
+                await self.objects.guaranteed_update(crd_res, None, name, establish, subresource="status")
+
+    async def _watch_crds(self, crd_res: resources.Resource, revision: int) -> None:
+        rv = str(revision)
+        while True:
+            try:
+                events = await self.objects.watch(crd_res, None, resource_version=rv, match=None)
+                async for ev in events:
+                    if ev.type == "ERROR":
+                        break
+                    rv = ev.obj["metadata"]["resourceVersion"]
+                    if ev.type == "DELETED":
+                        self.registry.set_crd(ev.obj["metadata"]["name"], None)
+                    else:
+                        await self._serve_crd(crd_res, ev.obj)
+            except asyncio.CancelledError:
+                raise
+            except errors.StatusError:
+                # history compacted: re-list and serve what is there now
+                page = await self.objects.list(crd_res, None)
+                for crd in page.items:
+                    await self._serve_crd(crd_res, crd)
+                rv = str(page.revision)
+            except Exception:
+                log.exception("CRD watch failed; restarting")
+                await asyncio.sleep(1)
+
+    # --------------------------------------------------------------- middleware
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        start = time.perf_counter()
+        request["vp_verb"] = request.method
+        code = 500
+        try:
+            if request.path not in PUBLIC_PATHS:
+                user = self.authenticator.authenticate(request.headers.get("Authorization"))
+                if user is None:
+                    raise errors.StatusError(401, "Unauthorized")
+                request["vp_user"] = user
+            else:
+                request["vp_user"] = auth.ANONYMOUS
+            resp = await handler(request)
+            code = resp.status
+            return resp
+        except errors.StatusError as exc:
+            code = exc.code
+            return handlers.status_response(exc)
+        except web.HTTPException as exc:
+            code = exc.status
+            return handlers.status_response(errors.StatusError(exc.status, exc.reason))
+        except (ConnectionResetError, asyncio.CancelledError):
+            code = 499
+            raise
+        except Exception as exc:
+            log.exception("internal error serving %s %s", request.method, request.path)
+            return handlers.status_response(errors.StatusError(500, f"Internal error occurred: {exc}"))
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.observe(request.get("vp_verb", request.method), request.get("vp_resource", ""),
+                                 code, elapsed, request.get("vp_group", ""))
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log.debug("request", extra={"verb": request.method, "path": request.path_qs,
+                                                   "code": code, "ms": round(elapsed * 1000, 2)})
+
+    # --------------------------------------------------------------- endpoints
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if not self._ready.is_set():
+            return web.Response(text="not ready", status=503)
+        try:
+            await self.store.current_revision()
+        except store_api.StoreError as exc:
+            return web.Response(text=f"[-]store failed: {exc}", status=503)
+        return web.Response(text="ok")
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return handlers.json_response({
+            **KUBE_VERSION,
+            "gitVersion": f"v{KUBE_VERSION['major']}.{KUBE_VERSION['minor']}.0+virtplane-{virtplane.__version__}",
+            "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "",
+            "compiler": "cpython", "platform": "linux/amd64",
+        })
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics.gauges["virtplane_store_revision"] = await self.store.current_revision()
+        return web.Response(text=self.metrics.render(), content_type="text/plain")
+
+    def _advertise(self, request: web.Request) -> str:
+        return self.config.advertise_address or request.host
+
+    async def _api(self, request: web.Request) -> web.Response:
+        if "as=APIGroupDiscoveryList" in request.headers.get("Accept", ""):
+            return self._aggregated(request, legacy=True)
+        return handlers.json_response(discovery.api_versions(self._advertise(request)))
+
+    async def _apis(self, request: web.Request) -> web.Response:
+        if "as=APIGroupDiscoveryList" in request.headers.get("Accept", ""):
+            return self._aggregated(request, legacy=False)
+        return handlers.json_response(discovery.api_group_list(self.registry))
+
+    def _aggregated(self, request: web.Request, legacy: bool) -> web.Response:
+        body = discovery.aggregated_discovery(self.registry, legacy)
+        return web.Response(
+            body=orjson.dumps(body),
+            headers={"Content-Type": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+                     "ETag": f'"{self.registry.etag()}"'},
+        )
+
+    def _cached(self, key: Any, build: Any) -> bytes:
+        full_key = (key, self.registry.generation)
+        data = self._openapi_cache.get(full_key)
+        if data is None:
+            data = orjson.dumps(build())
+            self._openapi_cache = {k: v for k, v in self._openapi_cache.items() if k[1] == full_key[1]}
+            self._openapi_cache[full_key] = data
+        return data
+
+    async def _openapi_v2(self, request: web.Request) -> web.Response:
+        data = self._cached("v2", lambda: openapi.openapi_v2(self.registry.all()))
+        return web.Response(body=data, content_type="application/json",
+                            headers={"ETag": f'"{hashlib.sha256(data).hexdigest()[:32]}"'})
+
+    async def _openapi_v3_index(self, request: web.Request) -> web.Response:
+        data = self._cached("v3", lambda: openapi.openapi_v3_index(self.registry.all()))
+        return web.Response(body=data, content_type="application/json")
+
+    async def _openapi_v3(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"].strip("/")
+        gv = path[len("api/"):] if path.startswith("api/") else path[len("apis/"):] if path.startswith("apis/") else ""
+        if not gv or not any(r.group_version == gv for r in self.registry.all()):
+            raise errors.StatusError(404, f"openapi document for {path!r} not found")
+        data = self._cached(("v3", gv), lambda: openapi.openapi_v3(self.registry.all(), gv))
+        return web.Response(body=data, content_type="application/json",
+                            headers={"Cache-Control": "public, immutable",
+                                     "ETag": f'"{hashlib.sha256(data).hexdigest()[:32]}"'})
+
+    async def _dispatch_core(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.rstrip("/")
+        if path == "/api/v1":
+            return handlers.json_response(discovery.api_resource_list(self.registry, "", "v1"))
+        target = handlers.parse_target("/api", path)
+        if target is None:
+            raise errors.StatusError(404, "the server could not find the requested resource")
+        return await self.resource_handler.handle(request, target)
+
+    async def _dispatch_apis(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.rstrip("/")
+        segs = path.split("/")[2:]
+        if len(segs) == 1:
+            doc = discovery.api_group(self.registry, segs[0])
+            if doc is None:
+                raise errors.StatusError(404, "the server could not find the requested resource")
+            return handlers.json_response(doc)
+        if len(segs) == 2:
+            doc = discovery.api_resource_list(self.registry, segs[0], segs[1])
+            if doc is None:
+                raise errors.StatusError(404, "the server could not find the requested resource")
+            return handlers.json_response(doc)
+        if segs[0] == discovery.KUBEVIRT_SUBRESOURCES_GROUP:
+            return await self._kubevirt_subresource(request, segs)
+        target = handlers.parse_target("/apis", path)
+        if target is None:
+            raise errors.StatusError(404, "the server could not find the requested resource")
+        return await self.resource_handler.handle(request, target)
+
+    async def _kubevirt_subresource(self, request: web.Request, segs: list[str]) -> web.StreamResponse:
+        """/apis/subresources.kubevirt.io/{v}/namespaces/{ns}/{plural}/{name}/{sub...}"""
+        version, rest = segs[1], segs[2:]
+        if version not in discovery.KUBEVIRT_SUBRESOURCE_VERSIONS:
+            raise errors.StatusError(404, "the server could not find the requested resource")
+        if rest in (["version"], ["healthz"]):
+            if rest == ["healthz"]:
+                return web.Response(text="ok")
+            return await self._version(request)
+        if len(rest) < 5 or rest[0] != "namespaces":
+            raise errors.StatusError(404, "the server could not find the requested resource")
+        ns, plural, name, sub = rest[1], rest[2], rest[3], "/".join(rest[4:])
+        res = self.registry.lookup("kubevirt.io", "v1", plural)
+        if res is None:
+            raise errors.StatusError(404, f"the server could not find the requested resource ({plural})")
+        request["vp_resource"] = f"{plural}/{sub.split('/')[0]}"
+        request["vp_group"] = discovery.KUBEVIRT_SUBRESOURCES_GROUP
+        request["vp_verb"] = request.method
+        handler = self.subresource_handler(res, sub)
+        if handler is None:
+            raise errors.StatusError(404, f"the server could not find the requested resource ({plural}/{sub})")
+        return await handler(handlers.SubresourceRequest(request, self, res, ns, name, sub))
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        raise errors.StatusError(404, "the server could not find the requested resource")

@@ -1,0 +1,155 @@
+"""`virtplane`: run the all-in-one cluster (`up`) or one component (`apiserver`, `controller`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import virtplane
+from virtplane.apiserver import auth, pki, server
+from virtplane.client import rest
+from virtplane.controllers import manager
+from virtplane.store import open_store
+from virtplane.store.interface import StoreError
+
+log = logging.getLogger("virtplane")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: machine-readable logs, like Kubernetes components' structured logs."""
+
+    _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k not in self._STD:
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("VIRTPLANE_DATA_DIR", Path.home() / ".virtplane"))
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(), help="state directory (default ~/.virtplane)")
+    p.add_argument("--port", type=int, default=6443, help="API server HTTPS port (0 picks a free one)")
+    p.add_argument("--bind-address", default="127.0.0.1", help="address the API server listens on")
+    p.add_argument("--store", default="", help="store URL (default sqlite:///DATA_DIR/state.db; etcd://host:port)")
+    p.add_argument("--tls-san", action="append", default=[], help="extra name or IP for the serving certificate")
+    p.add_argument("--log-level", default="info")
+
+
+def prepare_apiserver(args: argparse.Namespace) -> tuple[server.APIServer, pki.ServingCert, str]:
+    data: Path = args.data_dir.expanduser().resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    sans = list(args.tls_san)
+    if args.bind_address not in ("0.0.0.0", "::"):
+        sans.append(args.bind_address)
+    certs = pki.ensure_pki(data / "pki", sans)
+    token_file = data / "tokens.csv"
+    token = auth.ensure_admin_token(token_file)
+    store_url = args.store or f"sqlite://{data / 'state.db'}"
+    cfg = server.ServerConfig(host=args.bind_address, port=args.port, tls_cert=certs.cert, tls_key=certs.key,
+                              token_file=token_file)
+    return server.APIServer(open_store(store_url), cfg), certs, token
+
+
+async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> int:
+    api, certs, token = prepare_apiserver(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await api.start()
+    data: Path = args.data_dir.expanduser().resolve()
+    host = "127.0.0.1" if args.bind_address in ("0.0.0.0", "::") else args.bind_address
+    url = f"https://{host}:{api.bound_port}"
+    kubeconfig = data / "kubeconfig"
+    pki.write_kubeconfig(kubeconfig, url, certs.ca_cert, token)
+    ctrl: manager.ControllerManager | None = None
+    if with_controllers:
+        ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(kubeconfig))
+        await ctrl.start()
+    log.info("virtplane is up", extra={"server": url, "kubeconfig": str(kubeconfig),
+                                       "version": virtplane.__version__})
+    print(f"virtplane {virtplane.__version__} is up at {url}\n"
+          f"  export KUBECONFIG={kubeconfig}\n  kubectl get vm -A", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        if ctrl is not None:
+            await ctrl.stop()
+        await api.stop()
+    return 0
+
+
+async def run_controller(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(args.kubeconfig))
+    await ctrl.run_forever(stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="virtplane", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"virtplane {virtplane.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the all-in-one cluster in the foreground")
+    add_server_flags(up)
+    up.add_argument("--nodes", type=int, default=1, help="number of node agents")
+    up.add_argument("--demo", action="store_true", help="also create a demo VirtualMachine")
+    api = sub.add_parser("apiserver", help="run the API server alone (scale-out)")
+    add_server_flags(api)
+    ctl = sub.add_parser("controller", help="run the controllers against an API server")
+    ctl.add_argument("--kubeconfig", default=None)
+    ctl.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        if args.command == "up":
+            return asyncio.run(run_apiserver(args, with_controllers=True))
+        if args.command == "apiserver":
+            return asyncio.run(run_apiserver(args, with_controllers=False))
+        if args.command == "controller":
+            return asyncio.run(run_controller(args))
+    except KeyboardInterrupt:
+        return 130
+    except (StoreError, OSError) as exc:
+        # one clear line for the operator (a locked state file, a port in use), not a traceback
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        print(f"virtplane: error: {exc}{cause}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
