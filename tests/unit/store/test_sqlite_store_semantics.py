@@ -217,10 +217,31 @@ async def test_revision_survives_compacting_everything(db_path: str) -> None:
 
 async def test_second_opener_is_refused(store: sqlite.SqliteStore, db_path: str) -> None:
     await store.create("/a/x", b"v")
-    other = sqlite.SqliteStore(db_path, busy_timeout=0.05)
+    other = sqlite.SqliteStore(db_path, busy_timeout=0.1)
     with pytest.raises(interface.StoreError, match="locked") as info:
         await other.start()
-    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert isinstance(info.value.__cause__, BlockingIOError)
+    await other.close()
+    with open(f"{db_path}.lock") as lock:  # noqa: ASYNC230 (a tiny local file)
+        assert lock.read() == f"{os.getpid()}\n"  # who holds it
+    await store.close()
+    # Released on close (and by the kernel if the process dies): the next opener gets it.
+    again = sqlite.SqliteStore(db_path, busy_timeout=0.1)
+    await again.start()
+    assert (await again.get("/a/x")) is not None
+    await again.close()
+
+
+async def test_waits_for_the_lock_up_to_busy_timeout(store: sqlite.SqliteStore, db_path: str) -> None:
+    import asyncio
+
+    other = sqlite.SqliteStore(db_path, busy_timeout=5)
+    opening = asyncio.create_task(other.start())
+    await asyncio.sleep(0.1)
+    assert not opening.done()
+    await store.close()
+    async with asyncio.timeout(2):
+        await opening
     await other.close()
 
 
@@ -259,7 +280,13 @@ async def test_open_failure_is_a_store_error(tmp_path: pathlib.Path) -> None:
     s = sqlite.SqliteStore(str(tmp_path / "no" / "such" / "dir" / "state.db"))
     with pytest.raises(interface.StoreError) as info:
         await s.start()
-    assert isinstance(info.value.__cause__, sqlite3.Error)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    (tmp_path / "garbage.db").write_bytes(b"this is not a database" * 500)
+    s = sqlite.SqliteStore(str(tmp_path / "garbage.db"))
+    with pytest.raises(interface.StoreError) as info:
+        await s.start()
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    assert s._lock_fd is None  # the lock was given back
 
 
 # -- compaction --------------------------------------------------------------------------------
@@ -387,3 +414,61 @@ async def test_memory_store_works() -> None:
     await s.create("/a", b"v")
     assert (await s.get("/a")) is not None
     await s.close()
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoints(store: sqlite.SqliteStore) -> int:
+    assert store._conn is not None
+    row = store._conn.execute("SELECT value FROM meta WHERE name = 'checkpoints'").fetchone()
+    return row[0] if row else 0
+
+
+def wal_frames(path: str) -> int:
+    """Frames in the WAL file, from its size (32-byte header, 24-byte frame header + page)."""
+    size = os.path.getsize(f"{path}-wal") if os.path.exists(f"{path}-wal") else 0
+    return max(0, (size - 32) // (24 + 4096))
+
+
+async def test_checkpoints_run_in_the_background_and_reuse_the_wal(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    monkeypatch.setattr(sqlite, "CHECKPOINT_DELAY", 0.01)
+    s = sqlite.SqliteStore(db_path, retain_seconds=None)
+    await s.start()
+    try:
+        value = os.urandom(2048)
+        sizes = []
+        for round_ in range(4):
+            before = checkpoints(s)
+            for i in range(300):
+                await s.create(f"/a/{round_}/{i}", value)
+            async with asyncio.timeout(5):
+                while checkpoints(s) == before:  # noqa: ASYNC110 (the checkpointer's turn)
+                    await asyncio.sleep(0.01)
+            sizes.append(wal_frames(db_path))
+        # Started over after each round: the file holds about one round, it does not grow by each.
+        assert sizes[-1] < 1.5 * sizes[0], sizes
+        assert await s.count("/a/") == 1200
+    finally:
+        await s.close()
+    assert not os.path.exists(f"{db_path}-wal")  # noqa: ASYNC240 (the last close removed it)
+
+
+async def test_writers_wait_at_the_gate_readers_do_not(store: sqlite.SqliteStore) -> None:
+    import asyncio
+
+    kv = await store.create("/a/x", b"one")
+    store._writable.clear()  # as while a RESTART checkpoint runs
+    try:
+        writing = asyncio.create_task(store.update("/a/x", b"two", expected_revision=kv.mod_revision))
+        await asyncio.sleep(0.02)
+        assert not writing.done()
+        assert await store.get("/a/x") == kv  # reads go on
+        assert (await store.list("/a/")).kvs == [kv]
+    finally:
+        store._writable.set()
+    assert (await writing).mod_revision == 2
