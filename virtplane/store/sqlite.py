@@ -20,9 +20,11 @@ watch fan-out atomic with respect to other coroutines: compare-and-swap needs no
 revision counter lives in memory, and a watch switches from replay to live without a window in
 between (measured: a create takes ~45 us inline and ~100 us through a thread, a get 4 us vs
 45 us). The one slow operation is the WAL checkpoint, which fsyncs: under I/O load (VM disks on
-the same device) a checkpoint inside a commit held the loop for ~90 ms. So SQLite's automatic
-checkpoint is off, and a second connection checkpoints from a dedicated thread (PASSIVE: it
-never blocks the writer), shortly after writes; the event loop itself never fsyncs.
+the same device) a checkpoint inside a commit held the loop for 90-140 ms. So SQLite's
+automatic checkpoint is off and a second connection checkpoints from a dedicated thread, shortly
+after writes; at the end of each round writers (only writers) wait a moment at an async gate
+while the thread starts the WAL over (see `_checkpoint_loop`). The event loop never fsyncs
+after start().
 
 One process owns the file: start() takes an exclusive flock on ``<path>.lock`` (released by
 the kernel when the process dies), so a second virtplane on the same file fails fast instead of
@@ -66,6 +68,9 @@ SCHEMA_VERSION = 1
 # 500 rows hold the loop ~10-17 ms; reading 500 rows for a replay takes ~3 ms.
 REPLAY_BATCH = 500
 COMPACT_BATCH = 500
+# Revisions one replay statement scans at most: a watch on a rarely written prefix resuming from
+# far back must not scan all retained history in one go while it holds the loop.
+REPLAY_SCAN = 5000
 # Seconds from the first write after a checkpoint to the next checkpoint: writes in between are
 # checkpointed together.
 CHECKPOINT_DELAY = 0.2
@@ -215,6 +220,7 @@ class SqliteStore(interface.Store):
         in_memory = self.path == ":memory:"
         if not in_memory:
             self._lock_fd = await self._lock()
+        checkpoint_conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout, cached_statements=64)
         except sqlite3.Error as exc:
@@ -247,7 +253,6 @@ class SqliteStore(interface.Store):
             compact_revision = row[0] if row else 0
             (last_logged,) = conn.execute("SELECT coalesce(max(revision), 0) FROM log").fetchone()
             conn.execute("COMMIT")
-            checkpoint_conn = None
             if not in_memory:
                 # Its busy timeout only ever waits in the checkpoint thread (for a read of the
                 # main connection to finish during a RESTART), never on the loop.
@@ -258,6 +263,8 @@ class SqliteStore(interface.Store):
                 checkpoint_conn.execute("PRAGMA journal_size_limit=67108864")
         except BaseException as exc:
             conn.close()
+            if checkpoint_conn is not None:
+                checkpoint_conn.close()
             self._unlock()
             if isinstance(exc, sqlite3.Error):
                 raise interface.StoreError(f"cannot open {self.path!r}: {exc}") from exc
@@ -349,8 +356,13 @@ class SqliteStore(interface.Store):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN ... COMMIT, rolled back on any error; sqlite errors become StoreError (chained)."""
+        """BEGIN ... COMMIT, rolled back on any error; sqlite errors become StoreError (chained).
+
+        Callers pass `_write_gate` first: a write while the checkpoint thread holds the write
+        lock would make SQLite's busy handler sleep on the event loop.
+        """
         conn = self._connection()
+        assert self._writable.is_set(), "a write did not wait at _write_gate"
         try:
             conn.execute("BEGIN")
             try:
@@ -513,24 +525,29 @@ class SqliteStore(interface.Store):
             if not watches:
                 del self._watches[watch.prefix]
 
-    def _replay(self, prefix: str, after_revision: int, limit: int) -> builtins.list[interface.WatchEvent]:
-        """Up to `limit` retained events under `prefix` with revision > after_revision.
+    def _replay(self, prefix: str, after_revision: int, limit: int) -> tuple[builtins.list[interface.WatchEvent], int]:
+        """Retained events under `prefix` after `after_revision`: at most `limit` of them, from at
+        most REPLAY_SCAN revisions. Returns them and the revision the log has been read up to.
 
         (`builtins.list` because inside this class `list` is the method.)
         """
         if after_revision < self._compact_revision:
             # Rows above after_revision may already be deleted: a replay would have gaps.
             raise interface.CompactedError(after_revision, self._compact_revision)
+        high = min(after_revision + REPLAY_SCAN, self._revision)
         where, params = _key_range(prefix, None, column="l.key")
         with self._reading() as conn:
             rows = conn.execute(
                 "SELECT l.revision, l.key, l.value, l.create_revision, l.prev_revision, l.deleted, "
                 "p.value, p.create_revision "
                 "FROM log AS l LEFT JOIN log AS p ON p.revision = l.prev_revision "
-                f"WHERE l.revision > ? AND {where} ORDER BY l.revision LIMIT ?",
-                [after_revision, *params, limit],
+                f"WHERE l.revision > ? AND l.revision <= ? AND {where} ORDER BY l.revision LIMIT ?",
+                [after_revision, high, *params, limit],
             ).fetchall()
-        return [_log_event(*row) for row in rows]
+        events = [_log_event(*row) for row in rows]
+        # A full batch may stop before `high`; otherwise the whole window has been read.
+        read_up_to = events[-1].revision if len(events) == limit else high
+        return events, read_up_to
 
     # -- compaction --------------------------------------------------------------------------
 
@@ -545,6 +562,9 @@ class SqliteStore(interface.Store):
         if revision > self._revision:
             raise ValueError(f"cannot compact to {revision}: the current revision is {self._revision}")
         if revision <= self._compact_revision:
+            return
+        await self._write_gate()
+        if revision <= self._compact_revision:  # compacted further while waiting
             return
         with self._transaction() as conn:
             conn.execute(
@@ -604,7 +624,7 @@ class SqliteStore(interface.Store):
                     await loop.run_in_executor(self._checkpoint_executor, self._restart_wal)
                 finally:
                     self._writable.set()
-            except sqlite3.Error:
+            except Exception:
                 # Durability does not depend on it (commits are in the WAL); retry after writes.
                 logger.exception("checkpoint of %s failed", self.path)
 
@@ -643,8 +663,8 @@ class _SqliteWatch(interface.Watch, AsyncIterator[interface.WatchEvent]):
 
     While catching up ("unsynced", in etcd's words) the watch ignores live events: they are in
     the log, which it reads in batches, so a long replay needs no buffer that could overflow.
-    When a batch comes back short, the log has been read up to the store's current revision,
-    and the watch turns live in the same synchronous step; the next write is pushed to it, so
+    When the log has been read up to the store's current revision, the watch turns live in the
+    same synchronous step; the next write is pushed to it, so
     nothing falls between the replay and the live events. `_last` (the highest revision handed
     out) additionally drops anything at or below it, so neither path can produce a duplicate.
     """
@@ -652,7 +672,8 @@ class _SqliteWatch(interface.Watch, AsyncIterator[interface.WatchEvent]):
     def __init__(self, store: SqliteStore, prefix: str, after_revision: int) -> None:
         self._store = store
         self.prefix = prefix
-        self._last = after_revision
+        self._last = after_revision  # the highest revision handed out
+        self._replayed = after_revision  # the log has been read up to here
         self._buffer: collections.deque[interface.WatchEvent] = collections.deque()
         # Already at the head (the usual case: a watch right after a list): no replay needed.
         self._synced = after_revision >= store._revision
@@ -688,12 +709,12 @@ class _SqliteWatch(interface.Watch, AsyncIterator[interface.WatchEvent]):
         # last (short) batch is below the overflow limit.
         batch = min(REPLAY_BATCH, self._store.watch_buffer)
         try:
-            events = self._store._replay(self.prefix, self._last, batch)
+            events, self._replayed = self._store._replay(self.prefix, self._replayed, batch)
         except interface.StoreError as exc:
             self._fail(exc)
             raise
         self._buffer.extend(events)
-        if len(events) < batch:
+        if self._replayed >= self._store._revision:
             self._synced = True  # read up to the head; from the next write on, events are pushed
 
     def _push(self, event: interface.WatchEvent) -> None:

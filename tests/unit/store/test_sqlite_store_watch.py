@@ -86,6 +86,24 @@ async def test_replay_from_retained_revision_carries_deletes_and_prev(store: sql
     await middle.close()
 
 
+async def test_replay_of_a_sparse_prefix_reads_the_log_in_windows(
+    store: sqlite.SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite, "REPLAY_SCAN", 10)
+    expected = []
+    for i in range(100):
+        kv = await store.create(f"/busy/{i}", b"v")
+        if i % 33 == 0:
+            expected.append((await store.create(f"/rare/{i}", b"v")).mod_revision)
+    watch = store.watch("/rare/", after_revision=0)
+    assert [e.revision for e in await take(watch, len(expected))] == expected
+    assert watch._synced  # type: ignore[attr-defined]
+    await assert_quiet(watch)
+    kv = await store.create("/rare/live", b"v")
+    assert (await take(watch, 1))[0].kv == kv
+    await watch.close()
+
+
 async def test_watch_from_a_future_revision_skips_up_to_it(store: sqlite.SqliteStore) -> None:
     watch = store.watch("/a/", after_revision=3)
     for i in range(5):
@@ -94,13 +112,14 @@ async def test_watch_from_a_future_revision_skips_up_to_it(store: sqlite.SqliteS
     await watch.close()
 
 
-@pytest.mark.parametrize("batch", [1, 7, 500])
+@pytest.mark.parametrize(("batch", "scan"), [(1, 5000), (7, 11), (500, 3), (500, 5000)])
 async def test_replay_then_live_without_gap_or_duplicate(
-    store: sqlite.SqliteStore, monkeypatch: pytest.MonkeyPatch, batch: int
+    store: sqlite.SqliteStore, monkeypatch: pytest.MonkeyPatch, batch: int, scan: int
 ) -> None:
     """Watches started at every retained revision while writers keep writing see exactly the log."""
     monkeypatch.setattr(sqlite, "REPLAY_BATCH", batch)
-    rng = random.Random(batch)
+    monkeypatch.setattr(sqlite, "REPLAY_SCAN", scan)
+    rng = random.Random(batch * scan)
     history: list[interface.WatchEvent] = []  # every write, in revision order, as the store reported it
     live: dict[str, interface.KeyValue] = {}
 
