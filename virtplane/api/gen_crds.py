@@ -417,7 +417,8 @@ def _meta_definitions(kubevirt: JSON) -> JSON:
     out: JSON = {}
 
     def rename(name: str) -> str:
-        return "io." + name
+        # k8s.io.apimachinery.pkg.apis.meta.v1.X -> io.k8s.apimachinery.pkg.apis.meta.v1.X
+        return "io.k8s." + name.removeprefix("k8s.io.")
 
     def rewrite(node: Any) -> Any:
         if isinstance(node, dict):
