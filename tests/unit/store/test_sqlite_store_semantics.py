@@ -472,3 +472,55 @@ async def test_writers_wait_at_the_gate_readers_do_not(store: sqlite.SqliteStore
     finally:
         store._writable.set()
     assert (await writing).mod_revision == 2
+
+
+async def test_a_writer_that_never_yields_gets_checkpointed(db_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes in a loop that never suspends would starve the checkpointer: after WAL_MAX_WRITES
+    writes the gate holds writers for a checkpoint round, without waiting CHECKPOINT_DELAY."""
+    import asyncio
+
+    monkeypatch.setattr(sqlite, "WAL_MAX_WRITES", 50)
+    monkeypatch.setattr(sqlite, "CHECKPOINT_DELAY", 30.0)
+    s = sqlite.SqliteStore(db_path, retain_seconds=None)
+    await s.start()
+    try:
+        async with asyncio.timeout(10):
+            for i in range(400):
+                await s.create(f"/a/{i}", b"v" * 2048)
+        assert checkpoints(s) >= 7
+        assert s._writes_since_checkpoint <= 50  # the next write would wait
+    finally:
+        await s.close()
+
+
+async def test_a_failing_checkpoint_does_not_stop_writers(db_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    monkeypatch.setattr(sqlite, "WAL_MAX_WRITES", 20)
+    s = sqlite.SqliteStore(db_path, retain_seconds=None)
+
+    def broken() -> bool:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    s._restart_wal = broken  # type: ignore[method-assign]
+    await s.start()
+    try:
+        async with asyncio.timeout(10):
+            for i in range(100):
+                await s.create(f"/a/{i}", b"v")
+        assert await s.count("/a/") == 100
+        assert s._checkpointer is not None and not s._checkpointer.done()  # still on duty
+    finally:
+        await s.close()
+
+
+async def test_close_releases_writers_waiting_at_the_gate(store: sqlite.SqliteStore) -> None:
+    import asyncio
+
+    store._writable.clear()
+    writing = asyncio.create_task(store.create("/a/x", b"v"))
+    await asyncio.sleep(0.01)
+    await store.close()
+    with pytest.raises(interface.StoreError, match="closed"):
+        async with asyncio.timeout(1):
+            await writing
