@@ -158,3 +158,11 @@ def test_rows_only_for_computed_kinds(by_kind: dict[str, resources.Resource],
     assert builtin.builtin_table_row(by_kind["Namespace"], {}) is None
     assert builtin.builtin_table_row(by_kind["Lease"], {}) is None
     assert builtin.builtin_table_row(served["VirtualMachine"], {}) is None
+
+
+@pytest.mark.parametrize("kind", ["Pod", "Node", "Service", "Endpoints", "PersistentVolume", "PersistentVolumeClaim",
+                                  "ConfigMap", "Secret", "Event", "ServiceAccount", "StorageClass", "Deployment",
+                                  "ReplicaSet", "EndpointSlice"])
+def test_computed_rows_survive_empty_objects(by_kind: dict[str, resources.Resource], kind: str) -> None:
+    _row(by_kind, kind, {})
+    _row(by_kind, kind, {"metadata": None, "spec": [], "status": "x"})
