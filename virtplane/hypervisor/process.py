@@ -1,0 +1,159 @@
+"""Launching QEMU as a daemon-like child and watching a pid — ours or adopted — for its exit.
+
+QEMU runs in its own session (setsid) with stdin from /dev/null and stdout/stderr appended to a file, so
+it survives the node agent dying (no controlling terminal, no SIGHUP, no SIGPIPE). Exit is observed with
+a pidfd registered in the event loop: it works for processes that are not our children (after adoption),
+and signalling through it cannot hit a recycled pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import LaunchError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """How a QEMU process ended. `exit_code`/`signal` are None when we were not its parent (adopted
+    after a node agent restart) and therefore could not collect its status."""
+
+    exit_code: int | None
+    signal: int | None
+    reason: str
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> ExitInfo:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            return cls(None, sig, f"killed by signal {signal.Signals(sig).name}")
+        code = os.waitstatus_to_exitcode(status)
+        return cls(code, None, f"exited with code {code}")
+
+    def to_json(self) -> dict[str, object]:
+        return {"exit_code": self.exit_code, "signal": self.signal, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> ExitInfo:
+        code, sig = data.get("exit_code"), data.get("signal")
+        return cls(
+            int(code) if isinstance(code, int) else None,
+            int(sig) if isinstance(sig, int) else None,
+            str(data.get("reason") or ""),
+        )
+
+
+def spawn(argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) -> int:
+    """Start argv in a new session; returns its pid. stdout+stderr are appended to `log_path`."""
+    exe = shutil.which(argv[0])
+    if exe is None:
+        raise LaunchError(f"{argv[0]} not found in PATH")
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    # Only explicitly passed fds (tap fds) are inherited: Python's fds are close-on-exec by default.
+    previously = {fd: os.get_inheritable(fd) for fd in pass_fds}
+    try:
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)
+        return os.posix_spawn(
+            exe,
+            list(argv),
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    except OSError as err:
+        raise LaunchError(f"cannot start {exe}: {err}") from err
+    finally:
+        for fd, inheritable in previously.items():
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, inheritable)
+        os.close(log_fd)
+
+
+def proc_state(pid: int) -> str | None:
+    """The process state letter from /proc/<pid>/stat (R, S, D, Z, ...), None when there is no such pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The comm field may contain spaces and parentheses: the state follows the last ')'.
+    return stat[stat.rindex(")") + 2]
+
+
+def proc_cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return [part.decode(errors="surrogateescape") for part in raw.split(b"\0")[:-1]]
+
+
+def try_reap(pid: int) -> ExitInfo | None:
+    """Collect the exit status if `pid` is our exited child. None: still running, or not our child."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if got == 0:
+        return None
+    return ExitInfo.from_wait_status(status)
+
+
+class ProcessWatch:
+    """Calls `on_exit(ExitInfo)` once, from the event loop, when the process ends."""
+
+    def __init__(self, pid: int, on_exit: Callable[[ExitInfo], None]) -> None:
+        self.pid = pid
+        self._on_exit = on_exit
+        self._loop = asyncio.get_running_loop()
+        self._done = False
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            self._loop.call_soon(self._exited)
+            return
+        self._loop.add_reader(self._pidfd, self._exited)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def send_signal(self, sig: int) -> None:
+        if self._done:
+            return
+        if self._pidfd is not None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        else:
+            os.kill(self.pid, sig)
+
+    def _exited(self) -> None:
+        if self._done:
+            return
+        info = try_reap(self.pid)
+        if info is None:
+            if proc_state(self.pid) not in (None, "Z", "X"):
+                return  # spurious wake-up; still running
+            # Not our child (adopted after an agent restart): the status went to its real parent.
+            info = ExitInfo(None, None, "process gone")
+        self.close()
+        self._done = True
+        self._on_exit(info)
+
+    def close(self) -> None:
+        """Stop watching (the process keeps running)."""
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
