@@ -1,0 +1,137 @@
+"""RunState guards and adoption bookkeeping (no QEMU started)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from virtplane.hypervisor.errors import InvalidStateError
+from virtplane.hypervisor.machine import ALLOWED, Machine, RunState
+from virtplane.hypervisor.runtime import RuntimeDir
+
+
+@pytest.fixture
+def machine(vmi, runtime, volumes, nets) -> Machine:
+    return Machine.create(vmi, runtime, volumes, nets, "tcg")
+
+
+async def test_created_machine_allows_only_start(machine: Machine) -> None:
+    assert machine.state == RunState.CREATED
+    with pytest.raises(InvalidStateError) as err:
+        await machine.pause()
+    assert "pause" in str(err.value) and "Created" in str(err.value)
+    assert err.value.action == "pause" and err.value.state == RunState.CREATED
+    for action in (machine.resume, machine.powerdown, machine.reset, machine.reboot, machine.query_status,
+                   machine.stats, machine.guest_ping):  # fmt: skip
+        with pytest.raises(InvalidStateError):
+            await action()
+    with pytest.raises(InvalidStateError):
+        await machine.kill()
+    with pytest.raises(InvalidStateError):
+        await machine.unplug_disk("x")
+    with pytest.raises(InvalidStateError):
+        await machine.wait_exit()
+
+
+@pytest.mark.parametrize(
+    ("state", "action", "allowed"),
+    [
+        (RunState.PAUSED, "pause", False),
+        (RunState.PAUSED, "resume", True),
+        (RunState.RUNNING, "resume", False),
+        (RunState.RUNNING, "pause", True),
+        (RunState.PAUSED, "powerdown", False),
+        (RunState.SHUTTING_DOWN, "powerdown", True),
+        (RunState.STOPPED, "kill", False),
+        (RunState.CRASHED, "start", False),
+        (RunState.SHUTTING_DOWN, "hotplug_disk", False),
+        (RunState.PAUSED, "guest_agent", False),
+        (RunState.RUNNING, "start", False),
+    ],
+)
+def test_guard_table(machine: Machine, state: RunState, action: str, allowed: bool) -> None:
+    machine._state = state
+    if allowed:
+        machine._guard(action)
+    else:
+        with pytest.raises(InvalidStateError) as err:
+            machine._guard(action)
+        assert action in str(err.value) and state.value in str(err.value)
+
+
+def test_terminal_states_stay_terminal(machine: Machine) -> None:
+    machine._state = RunState.CRASHED
+    machine._set_state(RunState.RUNNING)
+    assert machine.state == RunState.CRASHED
+    assert not RunState.STOPPED.alive and RunState.PAUSED.alive
+    assert ALLOWED["kill"] == frozenset(s for s in RunState if s.alive)
+
+
+async def test_incoming_migration_reserved(machine: Machine) -> None:
+    with pytest.raises(NotImplementedError):
+        await machine.start(incoming="tcp:0:4444")
+    assert machine.state == RunState.CREATED
+
+
+async def test_adopt_nothing(tmp_path: Path) -> None:
+    assert await Machine.adopt(RuntimeDir(tmp_path / "empty")) is None
+
+
+def _record(runtime: RuntimeDir, argv: list[str], pid: int) -> None:
+    runtime.create()
+    runtime.cmdline_file.write_text(json.dumps({"argv": argv, "spec_hash": "abc", "accel": "tcg"}))
+    runtime.pid_file.write_text(f"{pid}\n")
+
+
+def _dead_foreign_pid() -> int:
+    # sh reaps its own child: the pid is dead and was never ours.
+    out = subprocess.run(["sh", "-c", "true & echo $!; wait"], capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def _zombie_child(argv: list[str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv)
+    # Wait for it to become a zombie without reaping it (WNOWAIT).
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    return proc
+
+
+async def test_adopt_dead_process_not_our_child(runtime: RuntimeDir) -> None:
+    _record(runtime, ["qemu-system-x86_64", "-name", "x"], _dead_foreign_pid())
+    m = await Machine.adopt(runtime)
+    assert m is not None
+    assert m.state == RunState.CRASHED
+    assert m.reason == "process gone"
+    assert m.spec_hash == "abc"
+    assert (await m.wait_exit(0)).exit_code is None
+    # remembered for the next adoption
+    assert json.loads(runtime.exit_file.read_text())["state"] == "Crashed"
+
+
+async def test_adopt_recycled_pid(runtime: RuntimeDir) -> None:
+    _record(runtime, ["qemu-system-x86_64", "-name", "x"], os.getpid())  # alive, but not that program
+    m = await Machine.adopt(runtime)
+    assert m is not None and m.state == RunState.CRASHED
+    assert "another program" in m.reason
+
+
+async def test_adopt_zombie_child_reports_exit_status(runtime: RuntimeDir) -> None:
+    proc = _zombie_child(["sh", "-c", "exit 3"])
+    _record(runtime, ["sh", "-c", "exit 3"], proc.pid)
+    m = await Machine.adopt(runtime)
+    assert m is not None and m.state == RunState.CRASHED
+    assert m.exit_info is not None and m.exit_info.exit_code == 3
+    assert m.reason == "exited with code 3"
+    proc.returncode = 3  # reaped by adopt(); keep Popen from trying again
+
+
+async def test_adopt_prefers_recorded_exit(runtime: RuntimeDir) -> None:
+    _record(runtime, ["qemu-system-x86_64"], 999_999_999)
+    runtime.exit_file.write_text(json.dumps({"exit_code": 0, "signal": None, "reason": "shutdown: guest-shutdown",
+                                             "state": "Stopped"}))  # fmt: skip
+    m = await Machine.adopt(runtime)
+    assert m is not None and m.state == RunState.STOPPED and m.reason == "shutdown: guest-shutdown"
