@@ -49,18 +49,31 @@ class TokenAuthenticator:
         return None
 
 
-def ensure_admin_token(path: Path) -> str:
-    """Create the token file with an admin token on first start; return the admin token."""
+# virtplane's own components (controllers, node agents): admission lets them write what users
+# may not (e.g. a VMI's spec after creation, reserved kubevirt.io labels).
+COMPONENTS_GROUP = "system:virtplane-components"
+
+
+def ensure_token(path: Path, user: str, groups: tuple[str, ...]) -> str:
+    """Return `user`'s token from the static token file, adding one on first use."""
     if path.exists():
         for row in csv.reader(io.StringIO(path.read_text())):
-            if len(row) >= 2 and row[1] == "admin":
+            if len(row) >= 2 and row[1] == user:
                 return row[0]
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
-        f.write(f'{token},admin,admin-uid,"system:masters,system:authenticated"\n')
+        f.write(f'{token},{user},{user}-uid,"{",".join((*groups, "system:authenticated"))}"\n')
     return token
+
+
+def ensure_admin_token(path: Path) -> str:
+    return ensure_token(path, "admin", ("system:masters",))
+
+
+def is_component(user: User) -> bool:
+    return COMPONENTS_GROUP in user.groups
 
 
 class Authorizer:

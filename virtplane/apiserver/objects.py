@@ -60,6 +60,7 @@ class WriteOptions:
     field_manager: str = ""
     field_validation: str = "Warn"  # Strict | Warn | Ignore
     user: str = ""
+    privileged: bool = False  # a virtplane component, not a user (see auth.COMPONENTS_GROUP)
 
 
 @dataclasses.dataclass(slots=True)
@@ -490,7 +491,8 @@ class ObjectStore:
                 return old
             try:
                 result = await self._write_update(
-                    res, key, kv, old, new, WriteOptions(field_validation="Ignore"), subresource, record=False
+                    res, key, kv, old, new, WriteOptions(field_validation="Ignore", privileged=True), subresource,
+                    record=False,
                 )
             except errors.StatusError as exc:
                 if exc.code == 409:
@@ -621,7 +623,7 @@ class ObjectStore:
         if validator is not None:
             causes.extend(validator.validate(obj))
         if not causes and subresource != "status":
-            causes.extend(admission.validate(res, obj, old, operation))
+            causes.extend(admission.validate(res, obj, old, operation, privileged=opts.privileged))
         if causes:
             name = (obj.get("metadata") or {}).get("name") or (obj.get("metadata") or {}).get("generateName", "")
             raise errors.invalid(res, res.kind, name, causes)

@@ -117,7 +117,7 @@ class TableConverter:
         self.columns.extend(cols)
         if not has_age:
             self.columns.append(resources.PrinterColumn("Age", "date", ".metadata.creationTimestamp"))
-        self._paths = [compile_path(c.json_path) for c in self.columns]
+        self._paths = [_try_compile(c.json_path) for c in self.columns]
 
     def column_definitions(self) -> list[JSON]:
         return [
@@ -138,7 +138,7 @@ class TableConverter:
         else:
             raw = []
             for path in self._paths:
-                vals = evaluate(path, obj)
+                vals = evaluate(path, obj) if path is not None else []
                 raw.append(vals[0] if vals else None)
         out: list[Any] = []
         for col, value in zip(self.columns, raw, strict=False):
@@ -169,6 +169,14 @@ class TableConverter:
             "columnDefinitions": self.column_definitions(),
             "rows": [self.row(o, include, now) for o in objs],
         }
+
+
+def _try_compile(path: str) -> list[tuple[str, Any]] | None:
+    """Columns computed in code (built-ins) may carry paths no JSONPath subset can express."""
+    try:
+        return compile_path(path)
+    except ValueError:
+        return None
 
 
 def partial_metadata(obj: JSON) -> JSON:

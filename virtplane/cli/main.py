@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import logging
@@ -22,6 +21,7 @@ from virtplane.store import open_store
 from virtplane.store.interface import StoreError
 
 log = logging.getLogger("virtplane")
+CONTROLLER_USER = "system:virtplane:controller"
 
 
 class JSONFormatter(logging.Formatter):
@@ -73,6 +73,7 @@ def prepare_apiserver(args: argparse.Namespace) -> tuple[server.APIServer, pki.S
     certs = pki.ensure_pki(data / "pki", sans)
     token_file = data / "tokens.csv"
     token = auth.ensure_admin_token(token_file)
+    auth.ensure_token(token_file, CONTROLLER_USER, (auth.COMPONENTS_GROUP,))  # before the server reads the file
     store_url = args.store or f"sqlite://{data / 'state.db'}"
     cfg = server.ServerConfig(host=args.bind_address, port=args.port, tls_cert=certs.cert, tls_key=certs.key,
                               token_file=token_file)
@@ -92,8 +93,11 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
     kubeconfig = data / "kubeconfig"
     pki.write_kubeconfig(kubeconfig, url, certs.ca_cert, token)
     ctrl: manager.ControllerManager | None = None
+    ctrl_kubeconfig = data / "controller.kubeconfig"
+    ctrl_token = auth.ensure_token(data / "tokens.csv", CONTROLLER_USER, (auth.COMPONENTS_GROUP,))
+    pki.write_kubeconfig(ctrl_kubeconfig, url, certs.ca_cert, ctrl_token)
     if with_controllers:
-        ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(kubeconfig))
+        ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(ctrl_kubeconfig))
         await ctrl.start()
     log.info("virtplane is up", extra={"server": url, "kubeconfig": str(kubeconfig),
                                        "version": virtplane.__version__})

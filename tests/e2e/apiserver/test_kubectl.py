@@ -85,7 +85,8 @@ def test_apply_get_patch_label_delete_vm(cluster: Cluster) -> None:
 def test_get_watch_sees_updates(cluster: Cluster) -> None:
     cluster.kubectl("apply", "-f", "-", input=manifests.VM_CIRROS.format(name="vm-watch"))
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    watcher = subprocess.Popen(["kubectl", "get", "vm", "vm-watch", "-w", "-o", "jsonpath={.spec.runStrategy}{\"\\n\"}"],
+    jsonpath = 'jsonpath={.spec.runStrategy}{"\\n"}'
+    watcher = subprocess.Popen(["kubectl", "get", "vm", "vm-watch", "-w", "-o", jsonpath],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
     try:
