@@ -13,18 +13,19 @@ Tables (one file, WAL mode):
 Each write puts its ``log`` row and its ``current`` change in one transaction, so the two can
 never disagree. Compaction deletes ``log`` rows only; ``current`` is never touched by it.
 
-Concurrency model: one connection, used synchronously from the event loop. Every statement is a
-few microseconds (an indexed lookup or a single-row insert into an already cached page), far
-less than a thread hop, and running them without awaiting in between makes every write and its
-watch fan-out atomic with respect to other coroutines: compare-and-swap needs no lock, the
-revision counter lives in memory, and a watch switches from replay to live without a window in
-between (measured: a create takes ~45 us inline and ~100 us through a thread, a get 4 us vs
-45 us). The one slow operation is the WAL checkpoint, which fsyncs: under I/O load (VM disks on
-the same device) a checkpoint inside a commit held the loop for 90-140 ms. So SQLite's
-automatic checkpoint is off and a second connection checkpoints from a dedicated thread, shortly
-after writes; at the end of each round writers (only writers) wait a moment at an async gate
-while the thread starts the WAL over (see `_checkpoint_loop`). The event loop never fsyncs
-after start().
+Concurrency model: one connection for reads and writes, used synchronously from the event loop.
+Every statement is microseconds (an indexed lookup, a single-row insert into a cached page),
+less than a thread hop (measured: a create ~45 us inline vs ~100 us through a thread; a get
+4-10 us vs 45 us), and running a write and its watch fan-out without an await in between makes
+them atomic with respect to other coroutines: compare-and-swap needs no lock, the revision
+counter lives in memory, and a watch turns from replay to live without a window in between.
+
+The one slow operation is the WAL checkpoint, which fsyncs: under I/O load (VM disks on the same
+device) SQLite's automatic checkpoint, run inside a commit, held the loop for 90-140 ms. So it
+is off, and a second connection checkpoints from a dedicated thread shortly after writes. At
+the end of each round writers (only writers: reads, lists and watches go on) wait a few ms at an
+async gate while the thread starts the WAL over, and after WAL_MAX_WRITES writes without a round
+they wait for one (see `_checkpoint_loop`). After start() the event loop never fsyncs.
 
 One process owns the file: start() takes an exclusive flock on ``<path>.lock`` (released by
 the kernel when the process dies), so a second virtplane on the same file fails fast instead of
