@@ -201,8 +201,10 @@ class ResourceHandler:
             raise errors.StatusError(405, f"method {method} not allowed on a collection")
         name = target.name
         if method == "GET":
-            obj = await srv.objects.get(res, ns, name)
-            return self.render(request, res, obj)
+            st = await srv.objects.get_stored(res, ns, name)
+            if wants_table(request):
+                return self.render(request, res, st.obj)
+            return web.Response(body=st.raw, content_type="application/json")
         if method == "PUT":
             body = await read_body(request)
             if not isinstance(body, dict):
@@ -236,14 +238,12 @@ class ResourceHandler:
             list_meta["continue"] = page.continue_token
         if wants_table(request):
             include = request.query.get("includeObject", "Metadata")
-            return json_response(self.converter(res).table(page.items, include, list_meta))
-        body = {
-            "kind": res.list_kind or f"{res.kind}List",
-            "apiVersion": res.api_version,
-            "metadata": list_meta,
-            "items": page.items,
-        }
-        return json_response(body)
+            return json_response(self.converter(res).table([s.obj for s in page.items], include, list_meta))
+        head = orjson.dumps({"kind": res.list_kind or f"{res.kind}List", "apiVersion": res.api_version,
+                             "metadata": list_meta})
+        # items are spliced in as stored, not parsed and re-serialized (see objects.with_resource_version)
+        body = head[:-1] + b',"items":[' + b",".join(s.raw for s in page.items) + b"]}"
+        return web.Response(body=body, content_type="application/json")
 
     async def patch(
         self, request: web.Request, res: resources.Resource, ns: str | None, name: str, sub: str
@@ -298,8 +298,8 @@ class ResourceHandler:
         match = selectors.matcher(request.query.get("labelSelector"), request.query.get("fieldSelector"))
         page = await self.server.objects.list(res, ns, match=match)
         deleted = []
-        for obj in page.items:
-            meta = obj["metadata"]
+        for st in page.items:
+            meta = st.obj["metadata"]
             with contextlib.suppress(errors.StatusError):
                 d, _ = await self.server.objects.delete(res, meta.get("namespace"), meta["name"], options, opts)
                 deleted.append(d)
@@ -457,12 +457,15 @@ class ResourceHandler:
                     last_rv = ev.obj["resourceVersion"]
                     await self._write_bookmark(resp, res, last_rv, initial_end=True)
                     continue
-                if ev.type == "ERROR":
+                if ev.type == "ERROR" or ev.stored is None:
                     await resp.write(orjson.dumps({"type": "ERROR", "object": ev.obj}) + b"\n")
                     break
-                last_rv = ev.obj["metadata"].get("resourceVersion", last_rv)
-                obj = conv.table([ev.obj], include, {"resourceVersion": last_rv}) if conv else ev.obj
-                await resp.write(orjson.dumps({"type": ev.type, "object": obj}) + b"\n")
+                last_rv = str(ev.stored.kv.mod_revision)
+                if conv is not None:
+                    table_obj = conv.table([ev.obj], include, {"resourceVersion": last_rv})
+                    await resp.write(orjson.dumps({"type": ev.type, "object": table_obj}) + b"\n")
+                else:
+                    await resp.write(b'{"type":"%s","object":%s}\n' % (ev.type.encode(), ev.stored.raw))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

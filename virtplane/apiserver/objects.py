@@ -39,19 +39,62 @@ def now_rfc3339() -> str:
 
 
 def encode(obj: JSON) -> bytes:
-    meta = obj["metadata"]
-    rv = meta.pop("resourceVersion", None)
-    try:
-        return orjson.dumps(obj)
-    finally:
-        if rv is not None:
-            meta["resourceVersion"] = rv
+    """Stored form: no resourceVersion, and apiVersion, kind, metadata first (see `Stored.raw`)."""
+    meta = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
+    ordered: JSON = {"apiVersion": str(obj.get("apiVersion", "")), "kind": str(obj.get("kind", "")), "metadata": meta}
+    for k, v in obj.items():
+        if k not in ordered:
+            ordered[k] = v
+    return orjson.dumps(ordered)
 
 
 def decode(kv: store_api.KeyValue) -> JSON:
     obj: JSON = orjson.loads(kv.value)
     obj["metadata"]["resourceVersion"] = str(kv.mod_revision)
     return obj
+
+
+_META_OPEN = b'"metadata":{'
+
+
+def with_resource_version(kv: store_api.KeyValue) -> bytes:
+    """The object's JSON with its resourceVersion, without decoding it.
+
+    `encode` writes `{"apiVersion":"…","kind":"…","metadata":{` first; inside JSON strings quotes
+    are escaped, so the first `"metadata":{` is the top-level one. Serving lists and watch
+    events this way costs a byte splice instead of a parse and a serialization per object.
+    """
+    value = kv.value
+    idx = value.find(_META_OPEN)
+    if idx < 0 or not value.startswith(b'{"apiVersion":'):
+        return orjson.dumps(decode(kv))
+    at = idx + len(_META_OPEN)
+    rv = b'"resourceVersion":"%d"' % kv.mod_revision
+    return value[:at] + rv + (b"" if value[at:at + 1] == b"}" else b",") + value[at:]
+
+
+class Stored:
+    """One stored object, decoded and/or serialized on demand (each at most once)."""
+
+    __slots__ = ("_obj", "_raw", "kv")
+
+    def __init__(self, kv: store_api.KeyValue) -> None:
+        self.kv = kv
+        self._obj: JSON | None = None
+        self._raw: bytes | None = None
+
+    @property
+    def obj(self) -> JSON:
+        """The decoded object; shared by every reader of this Stored, so never mutate it."""
+        if self._obj is None:
+            self._obj = decode(self.kv)
+        return self._obj
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = with_resource_version(self.kv)
+        return self._raw
 
 
 @dataclasses.dataclass(slots=True)
@@ -71,7 +114,7 @@ class WriteResult:
 
 @dataclasses.dataclass(slots=True)
 class ListPage:
-    items: list[JSON]
+    items: list[Stored]
     revision: int
     continue_token: str
     remaining: int | None
@@ -79,8 +122,13 @@ class ListPage:
 
 @dataclasses.dataclass(slots=True)
 class WatchEvent:
-    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK, ERROR
-    obj: JSON
+    type: str  # ADDED, MODIFIED, DELETED, ERROR, INITIAL_END
+    stored: Stored | None = None
+    info: JSON | None = None  # the Status of an ERROR, the revision of INITIAL_END
+
+    @property
+    def obj(self) -> JSON:
+        return self.stored.obj if self.stored is not None else (self.info or {})
 
 
 def _continue_token(key: str, revision: int) -> str:
@@ -104,6 +152,13 @@ class ObjectStore:
     def __init__(self, store: store_api.Store, reg: registry.Registry) -> None:
         self.store = store
         self.registry = reg
+        self._recent: dict[tuple[str, int], Stored] = {}  # insertion-ordered: oldest first
+
+    async def get_stored(self, res: resources.Resource, namespace: str | None, name: str) -> Stored:
+        kv = await self.store.get(res.key(namespace, name))
+        if kv is None:
+            raise errors.not_found(res, name)
+        return Stored(kv)
 
     # ---------------------------------------------------------------- reads
 
@@ -136,9 +191,9 @@ class ObjectStore:
             page = await self.store.list(prefix, start_after=start_after, limit=want if not match else want * 4)
             revision = revision or page.revision
             for kv in page.kvs:
-                obj = decode(kv)
-                if match is None or match(obj):
-                    items.append(obj)
+                st = Stored(kv)
+                if match is None or match(st.obj):
+                    items.append(st)
                     if limit and len(items) >= limit:
                         last_key = kv.key
                         more = kv is not page.kvs[-1] or page.more
@@ -160,7 +215,7 @@ class ObjectStore:
         *,
         managed_fields: list[JSON] | None = None,
     ) -> WriteResult:
-        obj = copy.deepcopy(body)
+        obj = body  # the caller hands over a freshly parsed body; no copy needed
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise errors.bad_request("metadata must be an object")
@@ -214,7 +269,7 @@ class ObjectStore:
         *,
         subresource: str = "",
     ) -> WriteResult:
-        new = copy.deepcopy(body)
+        new = body  # owned, as in create
         meta = new.get("metadata")
         if not isinstance(meta, dict):
             raise errors.bad_request("metadata must be an object")
@@ -534,38 +589,48 @@ class ObjectStore:
             raise errors.gone(f"too old resource version: {start} ({exc.compact_revision + 1})") from exc
         return self._watch_events(w, initial, match, start if initial_end_marker else None)
 
+    def _shared(self, kv: store_api.KeyValue) -> Stored:
+        """One Stored per written revision, shared by every watcher of it (decode/serialize once)."""
+        k = (kv.key, kv.mod_revision)
+        st = self._recent.get(k)
+        if st is None:  # a (key, revision) names one value forever
+            st = self._recent[k] = Stored(kv)
+            if len(self._recent) > 4096:
+                self._recent.pop(next(iter(self._recent)))
+        return st
+
     async def _watch_events(
-        self, w: store_api.Watch, initial: list[JSON], match: selectors.Matcher | None, initial_end: int | None
+        self, w: store_api.Watch, initial: list[Stored], match: selectors.Matcher | None, initial_end: int | None
     ) -> AsyncIterator[WatchEvent]:
         try:
-            for obj in initial:
-                yield WatchEvent("ADDED", obj)
+            for st in initial:
+                yield WatchEvent("ADDED", st)
             if initial_end is not None:
-                yield WatchEvent("INITIAL_END", {"resourceVersion": str(initial_end)})
+                yield WatchEvent("INITIAL_END", info={"resourceVersion": str(initial_end)})
             async for ev in w:
-                obj = decode(ev.kv)
+                st = self._shared(ev.kv)
                 if ev.type is store_api.EventType.DELETE:
-                    if match is None or match(obj):
-                        yield WatchEvent("DELETED", obj)
+                    if match is None or match(st.obj):
+                        yield WatchEvent("DELETED", st)
                     continue
                 created = ev.kv.create_revision == ev.kv.mod_revision
                 if match is None:
-                    yield WatchEvent("ADDED" if created else "MODIFIED", obj)
+                    yield WatchEvent("ADDED" if created else "MODIFIED", st)
                     continue
-                now_m = match(obj)
+                now_m = match(st.obj)
                 if created:
                     if now_m:
-                        yield WatchEvent("ADDED", obj)
+                        yield WatchEvent("ADDED", st)
                     continue
-                prev_m = match(decode(ev.prev_kv)) if ev.prev_kv is not None else now_m
+                prev_m = match(self._shared(ev.prev_kv).obj) if ev.prev_kv is not None else now_m
                 if now_m and prev_m:
-                    yield WatchEvent("MODIFIED", obj)
+                    yield WatchEvent("MODIFIED", st)
                 elif now_m:
-                    yield WatchEvent("ADDED", obj)
+                    yield WatchEvent("ADDED", st)
                 elif prev_m and ev.prev_kv is not None:
-                    yield WatchEvent("DELETED", obj)
+                    yield WatchEvent("DELETED", st)
         except store_api.CompactedError as exc:
-            yield WatchEvent("ERROR", errors.gone(f"too old resource version: {exc.requested}").status())
+            yield WatchEvent("ERROR", info=errors.gone(f"too old resource version: {exc.requested}").status())
         except store_api.WatchClosedError:
             return
         finally:

@@ -143,8 +143,8 @@ class APIServer:
                 if exc.code != 409:
                     raise
         page = await self.objects.list(crd_res, None)
-        for crd in page.items:
-            await self._serve_crd(crd_res, crd)
+        for st in page.items:
+            await self._serve_crd(crd_res, st.obj)
         self._tasks.append(asyncio.create_task(self._watch_crds(crd_res, page.revision)))
 
     async def _serve_crd(self, crd_res: resources.Resource, crd: JSON) -> None:
@@ -195,8 +195,8 @@ class APIServer:
             except errors.StatusError:
                 # history compacted: re-list and serve what is there now
                 page = await self.objects.list(crd_res, None)
-                for crd in page.items:
-                    await self._serve_crd(crd_res, crd)
+                for st in page.items:
+                    await self._serve_crd(crd_res, st.obj)
                 rv = str(page.revision)
             except Exception:
                 log.exception("CRD watch failed; restarting")

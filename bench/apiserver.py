@@ -1,0 +1,224 @@
+"""API server benchmark: virtplane's API against the bare HTTP framework, measured in one run.
+
+    .venv/bin/python bench/apiserver.py [--creates 3000] [--list-size 10000] [--watchers 100]
+
+Prints creates/s and gets/s (32 concurrent HTTPS clients), the time to list 10,000 VMs, watch
+delivery latency p50/p99 with 100 watchers, and a bare aiohttp server's trivial-POST rate over the
+same TLS and the same client, so the ratio holds whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from virtplane.testing.cluster import Cluster, free_port  # noqa: E402
+
+CONCURRENCY = 32
+VMS = "/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines"
+
+
+def vm(name: str) -> dict:
+    return {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "labels": {"app": "bench"}},
+        "spec": {"runStrategy": "Halted", "template": {"metadata": {"labels": {"kubevirt.io/vm": name}}, "spec": {
+            "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}],
+                                   "interfaces": [{"name": "default", "masquerade": {}}]},
+                       "resources": {"requests": {"memory": "128Mi"}}},
+            "networks": [{"name": "default", "pod": {}}],
+            "volumes": [{"name": "root", "containerDisk": {"image": "registry.local/tiny:latest"}}]}}},
+    }
+
+
+async def run_concurrent(n: int, make_request) -> float:  # type: ignore[no-untyped-def]
+    """n requests over CONCURRENCY workers; returns requests/s."""
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await make_request(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return n / (time.perf_counter() - start)
+
+
+def session(server: str, token: str, ssl_ctx) -> aiohttp.ClientSession:  # type: ignore[no-untyped-def]
+    return aiohttp.ClientSession(
+        server, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=CONCURRENCY + 200),
+    )
+
+
+BARE_SERVER = textwrap.dedent("""
+    import ssl, sys
+    from aiohttp import web
+    async def post(request):
+        body = await request.read()
+        return web.Response(body=body, status=201, content_type="application/json")
+    app = web.Application()
+    app.router.add_post("/post", post)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), ssl_context=ctx, access_log=None, print=None)
+""")
+
+
+async def bare_post_rate(cluster: Cluster, n: int) -> float:
+    port = free_port()
+    pki = cluster.data_dir / "pki"
+    proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port), str(pki / "apiserver.crt"),
+                             str(pki / "apiserver.key")], start_new_session=True)
+    try:
+        _, token, _ = cluster.config()
+        async with session(f"https://127.0.0.1:{port}", token, cluster.ssl_context()) as s:
+            for _ in range(200):
+                try:
+                    async with s.post("/post", data=b"{}") as r:
+                        await r.read()
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            body = orjson.dumps(vm("bare"))
+
+            async def one(i: int) -> None:
+                async with s.post("/post", data=body) as r:
+                    await r.read()
+                    assert r.status == 201
+
+            return await run_concurrent(n, one)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+
+
+async def api_figures(cluster: Cluster, n_creates: int, list_size: int, n_watchers: int) -> dict[str, float]:
+    server, token, _ = cluster.config()
+    out: dict[str, float] = {}
+    async with session(server, token, cluster.ssl_context()) as s:
+        async def ns(name: str) -> None:
+            async with s.post("/api/v1/namespaces", data=orjson.dumps({"metadata": {"name": name}})) as r:
+                assert r.status in (201, 409), await r.text()
+
+        for name in ("bench-create", "bench-list", "bench-watch"):
+            await ns(name)
+
+        async def create(i: int) -> None:
+            async with s.post(VMS.format(ns="bench-create"), data=orjson.dumps(vm(f"vm-{i}"))) as r:
+                await r.read()
+                assert r.status == 201, r.status
+
+        out["creates_per_s"] = await run_concurrent(n_creates, create)
+
+        async def get(i: int) -> None:
+            async with s.get(VMS.format(ns="bench-create") + f"/vm-{i % n_creates}") as r:
+                await r.read()
+                assert r.status == 200
+
+        out["gets_per_s"] = await run_concurrent(n_creates, get)
+
+        async def create_list(i: int) -> None:
+            async with s.post(VMS.format(ns="bench-list"), data=orjson.dumps(vm(f"vm-{i}"))) as r:
+                await r.read()
+                assert r.status == 201
+
+        await run_concurrent(list_size, create_list)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            async with s.get(VMS.format(ns="bench-list")) as r:
+                data = await r.read()
+            times.append(time.perf_counter() - t0)
+            assert len(orjson.loads(data)["items"]) == list_size
+        out["list_ms"] = statistics.median(times) * 1000
+
+        # watch latency: n_watchers streams; each write carries its send time in an annotation
+        async with s.get(VMS.format(ns="bench-watch")) as r:
+            rv = orjson.loads(await r.read())["metadata"]["resourceVersion"]
+        latencies: list[float] = []
+        n_writes = 100
+        done = asyncio.Event()
+        received = 0
+
+        async def watcher() -> None:
+            nonlocal received
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+            async with s.get(VMS.format(ns="bench-watch"), params={"watch": "1", "resourceVersion": rv},
+                             timeout=timeout) as r:
+                buf = b""
+                async for chunk in r.content.iter_any():
+                    now = time.perf_counter()
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        ev = orjson.loads(line)
+                        sent = float(ev["object"]["metadata"]["annotations"]["sent"])
+                        latencies.append(now - sent)
+                        received += 1
+                        if received >= n_watchers * n_writes:
+                            done.set()
+                    if done.is_set():
+                        return
+
+        tasks = [asyncio.create_task(watcher()) for _ in range(n_watchers)]
+        await asyncio.sleep(1.0)  # let every watch connect
+        for i in range(n_writes):
+            obj = vm(f"w-{i}")
+            obj["metadata"]["annotations"] = {"sent": repr(time.perf_counter())}
+            async with s.post(VMS.format(ns="bench-watch"), data=orjson.dumps(obj)) as r:
+                await r.read()
+            await asyncio.sleep(0.02)
+        try:
+            await asyncio.wait_for(done.wait(), 60)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        latencies.sort()
+        out["watch_events"] = len(latencies)
+        out["watch_p50_ms"] = latencies[len(latencies) // 2] * 1000
+        out["watch_p99_ms"] = latencies[int(len(latencies) * 0.99)] * 1000
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="vp-bench-") as tmp:
+        cluster = Cluster(Path(tmp), command="apiserver", extra_args=("--log-level", "warning")).start()
+        try:
+            bare = await bare_post_rate(cluster, args.creates)
+            api = await api_figures(cluster, args.creates, args.list_size, args.watchers)
+        finally:
+            cluster.stop()
+    print(f"bare aiohttp trivial POST (HTTPS, {CONCURRENCY} concurrent): {bare:8.0f} req/s")
+    print(f"API create VirtualMachine:                      {api['creates_per_s']:8.0f} req/s "
+          f"({api['creates_per_s'] / bare:.0%} of bare; target >= 50%)")
+    print(f"API get VirtualMachine:                         {api['gets_per_s']:8.0f} req/s")
+    print(f"API list {args.list_size} VirtualMachines:                  {api['list_ms']:8.1f} ms (target < 1000)")
+    print(f"watch latency, {args.watchers} watchers x 100 writes:      p50 {api['watch_p50_ms']:.1f} ms, "
+          f"p99 {api['watch_p99_ms']:.1f} ms (target p99 < 100; {int(api['watch_events'])} events)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--creates", type=int, default=3000)
+    p.add_argument("--list-size", type=int, default=10000)
+    p.add_argument("--watchers", type=int, default=100)
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
