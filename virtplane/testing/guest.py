@@ -288,7 +288,13 @@ class Guest:
 
     # -- console
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60.0, since: int = 0) -> re.Match[str]:
-        return self.console.wait_for(pattern, timeout, since)
+        try:
+            return self.console.wait_for(pattern, timeout, since)
+        except TimeoutError as e:
+            if self.proc.poll() is not None:
+                err = (self.workdir / "qemu.stderr").read_text(errors="replace")[-2000:]
+                raise TimeoutError(f"{e}\nQEMU exited {self.proc.returncode}: {err}") from None
+            raise
 
     def mark(self) -> int:
         return self.console.mark()
@@ -302,7 +308,7 @@ class Guest:
     def console_login(self, user: str = "root", password: str | None = None, timeout: float = 60.0) -> None:
         """Logs in on the serial console and waits for a shell prompt. An Enter first
         makes getty print a fresh "login:" (boot messages may have split the old one)."""
-        self.wait_for(r"login: ", timeout)
+        self.console.wait_for(r"login: ", timeout, partial=True)
         mark = self.mark()
         self.send("\n")
         self.console.wait_for(r"login: ?$", timeout, since=mark, partial=True)
@@ -494,9 +500,11 @@ def qemu_argv(workdir: Path, *, image: Path | None = None, boot: Boot = "disk",
             argv += attach("root", disk_bus, False, 0 if boot == "disk" else None)
     if cidata is not None:
         iso = cidata.suffix == ".iso"
-        argv += ["-drive", f"file={cidata},format=raw,if=none,id=cidata,readonly=on"
-                 + (",media=cdrom" if iso and cidata_bus != "virtio" else "")]
-        argv += attach("cidata", cidata_bus, iso and cidata_bus != "virtio", None)
+        # IDE/SCSI hard disks can't be read-only in QEMU; snapshot=on keeps the file intact.
+        cdrom = iso and cidata_bus != "virtio"
+        ro = "readonly=on" if cdrom or cidata_bus == "virtio" else "snapshot=on"
+        argv += ["-drive", f"file={cidata},format=raw,if=none,id=cidata,{ro}" + (",media=cdrom" if cdrom else "")]
+        argv += attach("cidata", cidata_bus, cdrom, None)
     if nic:
         fwd = f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""
         argv += ["-netdev", f"user,id=net0{fwd}", "-device", f"{nic},netdev=net0"]
