@@ -1,10 +1,12 @@
 """Kubernetes protobuf request bodies -> the JSON object the same request would have sent as JSON.
 
-kubectl's typed clientsets (`kubectl create namespace|configmap|secret|deployment|service|job`, `kubectl
-run`, `kubectl drain`'s evictions, `kubectl create token`, ...) send `application/vnd.kubernetes.protobuf`:
+kubectl >= 1.32's typed clientsets (`kubectl create namespace|configmap|secret|deployment|service|job|
+token|...`, `kubectl create job --from`, `kubectl debug --copy-to`, and PUTs such as `kubectl certificate
+approve`), like any client-go program configured for protobuf, send `application/vnd.kubernetes.protobuf`:
 the magic `k8s\\x00`, then a `runtime.Unknown` (typeMeta{apiVersion=1, kind=2}=1, raw=2,
-contentEncoding=3, contentType=4) whose `raw` is the Go object in protobuf. They accept JSON answers,
-so the API server only ever needs to decode:
+contentEncoding=3, contentType=4) whose `raw` is the Go object in protobuf. (`kubectl run`, `expose`,
+`apply`, `create -f` and `drain`'s evictions still send JSON.) Clients accept JSON answers, so the API
+server only needs to decode:
 
     obj = decode_k8s_protobuf(body)   # {"kind": "Namespace", "apiVersion": "v1", "metadata": {...}}
 
@@ -246,9 +248,7 @@ def _scalar(ftype: str, value: Any, where: str) -> Any:
         bits = 32 if ftype == "sint32" else 64
         value &= (1 << bits) - 1
         return (value >> 1) ^ -(value & 1)
-    if ftype == "fixed32":
-        return value
-    if ftype == "fixed64":
+    if ftype in ("fixed32", "fixed64"):
         return value
     if ftype == "sfixed32":
         return _signed(value, 32)
@@ -400,7 +400,13 @@ def _special(type_name: str, buf: memoryview, where: str, depth: int) -> tuple[b
     if type_name == _RAW_EXTENSION or type_name == _FIELDS_V1 or type_name in _APIEXTENSIONS_JSON:
         return True, _embedded_json(_small_message(buf, {1: "bytes"}, where).get(1, memoryview(b"")), where, depth)
     if type_name in _STRING_LISTS:
-        return True, [_scalar("string", v, where) for n, w, v in _fields(buf) if n == 1 and w == _LEN]
+        items = []
+        for number, wire, value in _fields(buf):
+            if number == 1:
+                if wire != _LEN:
+                    raise ProtobufDecodeError(f"{where}: list item has wire type {wire}, expected {_LEN}")
+                items.append(_scalar("string", value, where))
+        return True, items
     return False, None
 
 
@@ -427,7 +433,7 @@ def _map_entry(f: FieldSpec, buf: memoryview, where: str, depth: int) -> tuple[s
     else:
         value = _zero_scalar(f.map_value or "string") if value is None else _scalar(f.map_value or "", value, where)
     # Go's JSON writes map keys as strings (and sorted); Kubernetes' maps are keyed by strings anyway.
-    return (key if isinstance(key, str) else str(key).lower() if isinstance(key, bool) else str(key)), value
+    return str(key), value
 
 
 def _decode(type_name: str, buf: memoryview, where: str, depth: int) -> Any:
