@@ -36,7 +36,7 @@ from .errors import (
     QMPTimeoutError,
     UnsupportedSpecError,
 )
-from .process import ExitInfo, ProcessWatch, proc_cmdline, proc_state, spawn, try_reap
+from .process import ExitInfo, ProcessWatch, proc_cmdline, proc_state, reap_soon, spawn
 from .qmp import QMP, EventStream, GuestAgent, QMPEvent
 from .runtime import KernelBootFiles, NetworkAttachment, ResolvedVolume, RuntimeDir
 from .stats import MachineStats, NetStats, block_stats, cpu_seconds, rss_bytes, tap_stats
@@ -450,9 +450,7 @@ class Machine:
                 self._reboot_pending = True
                 await self._qmp_exec("system_powerdown")
                 return "acpi"
-            # guest-shutdown sends no reply on success (the agent goes down with the guest).
-            with contextlib.suppress(QMPTimeoutError, QMPDisconnectedError):
-                await self._agent.execute("guest-shutdown", {"mode": "reboot"}, timeout=agent_timeout)
+            await self._agent.shutdown("reboot", timeout=agent_timeout)
             return "guest-agent"
 
     async def kill(self, timeout: float = 10.0) -> ExitInfo:  # noqa: ASYNC109
@@ -703,7 +701,7 @@ class Machine:
         pid = machine.pid
         state = proc_state(pid)
         if state in ("Z", "X"):
-            info = try_reap(pid)  # we are its parent (same process, new Machine): collect the status
+            info = await reap_soon(pid)  # we are its parent (same process, new Machine): collect the status
             machine._finish_dead(info or ExitInfo(None, None, "process gone"))
             return machine
         if state is None or proc_cmdline(pid) != list(record.argv):
@@ -717,6 +715,13 @@ class Machine:
             await machine._attach_monitor(timeout)
             status = await machine._qmp_exec("query-status")
         except (LaunchError, QMPCommandError) as err:
+            # QEMU may be dying right now (killed while we connected): then report how it ended instead.
+            try:
+                async with asyncio.timeout(2):
+                    await machine._exited.wait()
+                return machine
+            except TimeoutError:
+                pass
             await machine.detach()
             raise HypervisorError(f"cannot adopt QEMU pid {pid}: {err}") from err
         qemu_status = str(status.get("status"))

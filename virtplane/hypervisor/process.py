@@ -99,15 +99,39 @@ def proc_cmdline(pid: int) -> list[str] | None:
     return [part.decode(errors="surrogateescape") for part in raw.split(b"\0")[:-1]]
 
 
-def try_reap(pid: int) -> ExitInfo | None:
-    """Collect the exit status if `pid` is our exited child. None: still running, or not our child."""
+class _NotYet:
+    """try_reap: our child, but not waitable yet (its threads are still exiting)."""
+
+
+NOT_YET = _NotYet()
+
+
+def try_reap(pid: int) -> ExitInfo | _NotYet | None:
+    """Collect the exit status of `pid` if it is our exited child.
+
+    Returns the ExitInfo; NOT_YET when it is our child but still running (or a zombie leader whose other
+    threads are still exiting — /proc says Z before waitpid can collect it); None when it is not our child.
+    """
     try:
         got, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         return None
     if got == 0:
-        return None
+        return NOT_YET
     return ExitInfo.from_wait_status(status)
+
+
+async def reap_soon(pid: int, timeout: float = 5.0) -> ExitInfo | None:  # noqa: ASYNC109
+    """try_reap, waiting (briefly) for a dying child to become waitable. None when not our child."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        info = try_reap(pid)
+        if not isinstance(info, _NotYet):
+            return info
+        if loop.time() > deadline:
+            return None
+        await asyncio.sleep(0.01)
 
 
 class ProcessWatch:
@@ -142,9 +166,12 @@ class ProcessWatch:
         if self._done:
             return
         info = try_reap(self.pid)
+        if isinstance(info, _NotYet):
+            if proc_state(self.pid) in (None, "Z", "X"):
+                # Dying child whose threads are still exiting: look again shortly.
+                self._loop.call_later(0.01, self._exited)
+            return  # else: a spurious wake-up, still running
         if info is None:
-            if proc_state(self.pid) not in (None, "Z", "X"):
-                return  # spurious wake-up; still running
             # Not our child (adopted after an agent restart): the status went to its real parent.
             info = ExitInfo(None, None, "process gone")
         self.close()

@@ -308,6 +308,16 @@ class GuestAgent:
         except QMPCommandError as err:
             raise GuestAgentError(cmd, err.message, err.error_class) from err
 
+
+    async def shutdown(self, mode: str = "powerdown", *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """guest-shutdown (powerdown, reboot, halt). On success the agent sends no reply — it goes down with
+        the guest — so silence until the timeout counts as accepted; an error reply still raises."""
+        try:
+            await self.execute("guest-shutdown", {"mode": mode}, timeout=timeout)
+        except GuestAgentError as err:
+            if not isinstance(err.__cause__, (QMPTimeoutError, QMPDisconnectedError)):
+                raise
+
     async def ping(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         await self.execute("guest-ping", timeout=timeout)
 

@@ -1,0 +1,241 @@
+"""The hypervisor layer against real QEMU (TCG) and virtplane's tiny guest.
+
+The guest prints `virtplane-guest: ...` lines on the serial console (console.log) and a heartbeat
+`virtplane-guest: tick <n> <uptime>` on its virtio console (guest.log); see images/README.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.hypervisor.conftest import GUEST, LogWatch, vmi
+from virtplane.hypervisor.accel import probe_kvm, run_probe
+from virtplane.hypervisor.cloudinit import build_for_volume
+from virtplane.hypervisor.errors import LaunchError
+from virtplane.hypervisor.machine import Machine, RunState
+from virtplane.hypervisor.runtime import KernelBootFiles, NetworkAttachment, ResolvedVolume, RuntimeDir
+
+pytestmark = pytest.mark.e2e
+
+TICK = re.compile(GUEST + r"tick (\d+) ([0-9.]+)")
+USER_DATA = """#cloud-config
+bootcmd:
+  - echo "virtplane-e2e user-data ran for $(hostname)" > /dev/console
+"""
+
+
+def overlay(base: Path, dest: Path) -> Path:
+    """A qcow2 overlay on the shared base image, as the node agent makes for a containerDisk."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(dest)],
+                   check=True)  # fmt: skip
+    return dest
+
+
+def blank_qcow2(dest: Path, size: str) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dest), size], check=True)
+    return dest
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def test_accel_probe_picks_tcg_within_timeout() -> None:
+    start = time.monotonic()
+    probe = await probe_kvm(timeout=3.0)
+    elapsed = time.monotonic() - start
+    print(f"probe_kvm: {probe.reason} ({elapsed:.2f}s)")
+    assert not probe.kvm_usable and probe.accel == "tcg"
+    assert elapsed < 4.0
+    # The probe guest itself is sound: under TCG it runs to completion.
+    tcg = await run_probe("tcg", 10.0, cpu_model="max")
+    assert tcg.kvm_usable, tcg.reason
+
+
+async def test_bios_disk_cloudinit_pause_hotplug_adopt_powerdown(
+    images: dict[str, Path], tmp_path: Path, machines: list[Machine]
+) -> None:
+    t: dict[str, float] = {}
+    rt = RuntimeDir(tmp_path / "rt")
+    spec = vmi(
+        "e2e-bios",
+        disks=[{"name": "containerdisk", "disk": {"bus": "virtio"}, "bootOrder": 1},
+               {"name": "cloudinitdisk", "disk": {"bus": "virtio"}}],
+        volumes=[{"name": "containerdisk", "containerDisk": {"image": "tiny"}},
+                 {"name": "cloudinitdisk", "cloudInitNoCloud": {"userData": USER_DATA}}],
+    )  # fmt: skip
+    cidata = await build_for_volume(spec, "cloudinitdisk", tmp_path / "cidata.iso")
+    volumes = {"containerdisk": ResolvedVolume(overlay(images["tiny.qcow2"], tmp_path / "root.qcow2"), "qcow2"),
+               "cloudinitdisk": cidata}  # fmt: skip
+    m = Machine.create(spec, rt, volumes, {"default": NetworkAttachment.user()}, "tcg")
+    machines.append(m)
+    console, guest = LogWatch(rt.console_log), LogWatch(rt.guest_log)
+
+    start = time.monotonic()
+    await m.start()
+    t["start"] = time.monotonic() - start
+    assert m.state == RunState.RUNNING
+    await console.wait(GUEST + "booted", 60)
+    t["booted"] = time.monotonic() - start
+
+    # cloud-init NoCloud: datasource found, meta-data hostname applied, user-data executed
+    await console.wait(GUEST + "cloud-init datasource nocloud", 30)
+    assert (await console.wait(r"virtplane-e2e user-data ran for (\S+)", 30)).group(1) == "e2e-bios"
+    t["user-data"] = time.monotonic() - start
+
+    # pause: the heartbeat stops; resume: it continues from where it was
+    await guest.wait(TICK.pattern, 30)
+    t0 = time.monotonic()
+    await m.pause()
+    t["pause"] = time.monotonic() - t0
+    assert m.state == RunState.PAUSED
+    assert (await m.query_status())["status"] == "paused"
+    guest.skip_to_end()
+    last = int(TICK.findall(guest.text())[-1][0])
+    await asyncio.sleep(2.5)  # a negative check needs time: no tick may appear while paused
+    assert TICK.search(guest.text(), guest.offset) is None
+    t0 = time.monotonic()
+    await m.resume()
+    t["resume"] = time.monotonic() - t0
+    assert m.state == RunState.RUNNING
+    n = int((await guest.wait(TICK.pattern, 10)).group(1))
+    assert n == last + 1
+
+    # guest agent
+    await m.guest_ping(timeout=30)
+    osinfo = await m.guest_osinfo()
+    assert osinfo["kernel-release"].startswith("6.")
+
+    stats = await m.stats()
+    assert stats.cpu_time > 0 and stats.rss_bytes > 64 << 20
+    assert stats.block["disk-containerdisk"].rd_bytes > 0
+    assert 0 in stats.vcpu_times
+
+    # disk hotplug (scsi on the controller, virtio on a spare root port) and unplug
+    for bus, size in (("scsi", "16M"), ("virtio", "8M")):
+        img = blank_qcow2(tmp_path / f"hot-{bus}.qcow2", size)
+        t0 = time.monotonic()
+        dev_id = await m.hotplug_disk({"name": f"hot-{bus}", "disk": {"bus": bus}}, ResolvedVolume(img, "qcow2"))
+        assert dev_id == f"disk-hot-{bus}"
+        added = await console.wait(GUEST + r"disk (\w+) added", 30)
+        t[f"hotplug-{bus}"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        await m.unplug_disk(f"hot-{bus}", timeout=30)
+        await console.wait(GUEST + f"disk {added.group(1)} removed", 30)
+        t[f"unplug-{bus}"] = time.monotonic() - t0
+
+    # node agent restart: a new Machine adopts the running QEMU; the guest never rebooted
+    pid = m.pid
+    await m.detach()
+    guest.skip_to_end()
+    before = TICK.findall(guest.text())[-1]
+    t0 = time.monotonic()
+    m2 = await Machine.adopt(rt)
+    t["adopt"] = time.monotonic() - t0
+    assert m2 is not None
+    machines.append(m2)
+    assert m2.pid == pid and m2.state == RunState.RUNNING and m2.spec_hash == m.spec_hash
+    after = TICK.search(guest.text(), guest.offset) or await guest.wait(TICK.pattern, 10)
+    assert int(after.group(1)) > int(before[0]) and float(after.group(2)) > float(before[1])
+    assert len(re.findall(GUEST + "booted", console.text())) == 1
+    await m2.pause()  # the adopted Machine controls the same process
+    await m2.resume()
+
+    # ACPI power button: the guest shuts down, QEMU exits 0, Stopped
+    t0 = time.monotonic()
+    await m2.powerdown()
+    assert m2.state == RunState.SHUTTING_DOWN
+    info = await m2.wait_exit(60)
+    t["powerdown"] = time.monotonic() - t0
+    assert info.exit_code == 0, info
+    assert m2.state == RunState.STOPPED
+    assert "guest-shutdown" in m2.reason
+    print("timings (s):", {k: round(v, 3) for k, v in t.items()})
+
+
+async def test_uefi_boot_then_external_kill9(images: dict[str, Path], tmp_path: Path, machines: list[Machine]) -> None:
+    rt = RuntimeDir(tmp_path / "rt")
+    spec = vmi(
+        "e2e-uefi",
+        disks=[{"name": "containerdisk", "disk": {"bus": "virtio"}}],
+        volumes=[{"name": "containerdisk", "containerDisk": {"image": "tiny"}}],
+        domain={"firmware": {"bootloader": {"efi": {"secureBoot": False}}}},
+        interfaces=False,
+    )
+    volumes = {"containerdisk": ResolvedVolume(overlay(images["tiny.qcow2"], tmp_path / "root.qcow2"), "qcow2")}
+    m = Machine.create(spec, rt, volumes, {}, "tcg")
+    machines.append(m)
+    console = LogWatch(rt.console_log)
+    start = time.monotonic()
+    await m.start()
+    await console.wait(GUEST + "booted", 90)
+    print(f"UEFI booted in {time.monotonic() - start:.2f}s")
+    assert file_size(rt.efi_vars) == file_size(Path("/usr/share/OVMF/OVMF_VARS_4M.fd"))  # per-VM copy
+
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGKILL)  # not through the Machine: QEMU dies under it
+    info = await m.wait_exit(10)
+    assert m.state == RunState.CRASHED
+    assert info.signal == signal.SIGKILL and "SIGKILL" in m.reason
+
+
+async def test_kernel_boot_reboot_and_adopt_after_crash(
+    images: dict[str, Path], tmp_path: Path, machines: list[Machine]
+) -> None:
+    rt = RuntimeDir(tmp_path / "rt")
+    spec = vmi(
+        "e2e-kernel",
+        disks=[],
+        volumes=[],
+        domain={"firmware": {"kernelBoot": {
+            "kernelArgs": "console=ttyS0,115200",
+            "container": {"image": "kernels", "kernelPath": "/boot/vmlinuz", "initrdPath": "/boot/initrd.img"}}}},
+    )  # fmt: skip
+    files = KernelBootFiles(kernel=images["vmlinuz"], initrd=images["initrd.img"])
+    m = Machine.create(spec, rt, {}, {"default": NetworkAttachment.user()}, "tcg", kernel_boot=files)
+    machines.append(m)
+    console = LogWatch(rt.console_log)
+    start = time.monotonic()
+    await m.start()
+    await console.wait(GUEST + "booted", 60)
+    print(f"kernelBoot booted in {time.monotonic() - start:.2f}s")
+
+    # guest-visible reboot (guest agent when it answers, else ACPI + reset): the guest boots again
+    await m.guest_ping(timeout=30)
+    async with m.events({"RESET"}) as resets:
+        method = await m.reboot()
+        await resets.get(timeout=60)
+    await console.wait(GUEST + "booted", 60)
+    assert m.state == RunState.RUNNING
+    print(f"reboot via {method}")
+
+    # the agent "restarts" and QEMU is SIGKILLed meanwhile: adoption reports the crash with its reason
+    pid = m.pid
+    assert pid is not None
+    await m.detach()
+    os.kill(pid, signal.SIGKILL)
+    m2 = await Machine.adopt(rt)
+    assert m2 is not None and m2.pid == pid
+    assert m2.state == RunState.CRASHED
+    assert "SIGKILL" in m2.reason  # we were QEMU's parent, so the status was collectable
+
+
+async def test_start_failure_reports_qemu_stderr(tmp_path: Path, machines: list[Machine]) -> None:
+    rt = RuntimeDir(tmp_path / "rt")
+    spec = vmi("e2e-broken", disks=[{"name": "root", "disk": {}}], volumes=[{"name": "root", "emptyDisk": {}}],
+               interfaces=False)  # fmt: skip
+    m = Machine.create(spec, rt, {"root": ResolvedVolume(tmp_path / "missing.qcow2", "qcow2")}, {}, "tcg")
+    machines.append(m)
+    with pytest.raises(LaunchError) as err:
+        await m.start()
+    assert "missing.qcow2" in str(err.value)
+    assert m.state == RunState.CRASHED and "missing.qcow2" in m.reason
+    assert "missing.qcow2" in rt.stderr_log.read_text()
