@@ -346,6 +346,12 @@ def _shape(lhs: Any, rhs: Any, node: MergeKeys) -> str:
     return "leaf"
 
 
+# An applied null over a live value: the field is owned and unset. It stays in the merged object as this
+# marker until ownership is settled, so that it counts as a modification (a conflict with its owner), as
+# the null does in Kubernetes before the typed object drops it.
+_UNSET: Any = object()
+
+
 def _merge(live: Any, applied: Any, node: MergeKeys) -> Any:
     """Structured merge of an apply configuration into the live value (new object; inputs untouched)."""
     if live is _ABSENT:
@@ -354,7 +360,8 @@ def _merge(live: Any, applied: Any, node: MergeKeys) -> Any:
         out = dict(live)
         for k, v in applied.items():
             if v is None:
-                out.pop(k, None)  # an applied null: the field is owned and unset
+                if k in live:
+                    out[k] = _UNSET
             else:
                 out[k] = _merge(live.get(k, _ABSENT), v, node.child(k))
         return out
@@ -417,6 +424,17 @@ def _merge_items(
                 take(rpe)
             ri += 1
     return out
+
+
+def _drop_unset(value: Any) -> None:
+    if isinstance(value, dict):
+        for k in [k for k, v in value.items() if v is _UNSET]:
+            del value[k]
+        for v in value.values():
+            _drop_unset(v)
+    elif isinstance(value, list):
+        for v in value:
+            _drop_unset(v)
 
 
 def _without_nulls(value: Any) -> Any:
@@ -595,7 +613,8 @@ def server_side_apply(
     config_fields = _without_prefixes(object_fields(config, node, strict=True), resets)
     me.fields = config_fields
 
-    merged = _merge(base, config, node)
+    # _merge shares untouched subtrees with `base`; pruning below edits in place, so detach first.
+    merged = deep_copy(_merge(base, config, node))
     _restore(merged, base, resets)
 
     if previous is not None and previous.fields:
@@ -624,6 +643,7 @@ def server_side_apply(
         if remaining:
             raise _conflict_error(managers, remaining)
 
+    _drop_unset(merged)
     for ident, lost in conflicts.items():
         managers[ident].fields -= lost
     if diff.removed:
