@@ -331,10 +331,33 @@ class ResourceHandler:
             raise errors.StatusError(405, f"method {request.method} not allowed on {sub}")
         if sub == "scale" and res.scale:
             return await self.scale(request, res, ns, name)
+        if sub == "binding" and res.group == "" and res.plural == "pods" and request.method == "POST":
+            return await self.bind_pod(request, res, ns, name)
         handler = srv.subresource_handler(res, sub)
         if handler is None:
             raise errors.StatusError(404, f"the server could not find the requested resource ({res.plural}/{sub})")
         return await handler(SubresourceRequest(request, srv, res, ns, name, sub))
+
+    async def bind_pod(self, request: web.Request, res: resources.Resource, ns: str | None, name: str) -> web.Response:
+        """pods/binding: the scheduler's one write, setting spec.nodeName exactly once."""
+        body = await read_body(request)
+        node = ((body or {}).get("target") or {}).get("name") if isinstance(body, dict) else None
+        if not node:
+            raise errors.invalid(res, "Binding", name, [resources.Cause(
+                "FieldValueRequired", "Required value", "target.name")])
+
+        def bind(pod: JSON) -> JSON:
+            current = (pod.get("spec") or {}).get("nodeName")
+            if current:
+                raise errors.conflict(res, name, f"pod {name} is already assigned to node \"{current}\"")
+            if pod["metadata"].get("deletionTimestamp"):
+                raise errors.conflict(res, name, f"pod {name} is being deleted, cannot be assigned to a host")
+            pod.setdefault("spec", {})["nodeName"] = node
+            return pod
+
+        if await self.server.objects.guaranteed_update(res, ns, name, bind) is None:
+            raise errors.not_found(res, name)
+        return json_response(success_status(), 201)
 
     async def finalize_namespace(self, res: resources.Resource, name: str, body: JSON) -> JSON:
         finalizers = list((body.get("spec") or {}).get("finalizers") or [])

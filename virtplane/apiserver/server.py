@@ -17,7 +17,7 @@ from aiohttp import web
 
 import virtplane
 from virtplane.api import builtin, openapi, resources
-from virtplane.apiserver import auth, discovery, errors, handlers, metrics, objects, registry
+from virtplane.apiserver import auth, discovery, errors, handlers, kubevirt, metrics, objects, registry
 from virtplane.store import interface as store_api
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class APIServer:
         self._openapi_cache: dict[Any, bytes] = {}
         self.watch_tasks: set[asyncio.Task[Any]] = set()  # open watch streams, ended on shutdown
         self.bound_port: int = 0
+        kubevirt.register(self)
 
     # --------------------------------------------------------------- plug-ins
 
@@ -145,6 +146,7 @@ class APIServer:
         page = await self.objects.list(crd_res, None)
         for st in page.items:
             await self._serve_crd(crd_res, st.obj)
+        await kubevirt.ensure_proxy_secret(self)
         self._tasks.append(asyncio.create_task(self._watch_crds(crd_res, page.revision)))
 
     async def _serve_crd(self, crd_res: resources.Resource, crd: JSON) -> None:

@@ -24,7 +24,8 @@ def call(cluster: Cluster, method: str, path: str, body: bytes | None,
     ctx = ssl.create_default_context(cadata=ca.decode())
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else {}
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
 
