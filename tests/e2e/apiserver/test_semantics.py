@@ -106,7 +106,7 @@ def test_no_op_update_keeps_resource_version(cluster: Cluster) -> None:
 
 
 def test_watch_from_revision_selectors_and_bookmarks(cluster: Cluster) -> None:
-    code, listing = call(cluster, "GET", CMS, None)
+    _, listing = call(cluster, "GET", CMS, None)
     rv = listing["metadata"]["resourceVersion"]
     call(cluster, "POST", CMS, cm("w-gold", {"tier": "gold"}))
     call(cluster, "POST", CMS, cm("w-plain"))
