@@ -27,6 +27,7 @@ members in FieldsV1 unless the MergeKeys say the object is a map (`maps=` / `add
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -197,6 +198,13 @@ def _rule_type(node: MergeKeys) -> str:
     return rule.type if rule is not None else "atomic"
 
 
+@functools.lru_cache(maxsize=1024)
+def _key_plan(rule: ListRule) -> tuple[tuple[str, Any], ...]:
+    """The rule's key fields in FieldsV1 order (sorted), each with its default (or _ABSENT)."""
+    defaults = dict(rule.key_defaults)
+    return tuple((k, defaults.get(k, _ABSENT)) for k in sorted(rule.keys))
+
+
 def _item_pe(item: Any, rule: ListRule) -> PathElement:
     if rule.type == "set":
         if isinstance(item, dict | list):
@@ -204,16 +212,15 @@ def _item_pe(item: Any, rule: ListRule) -> PathElement:
         return fp.value(item)
     if not isinstance(item, dict):
         raise _BadItem("items of an associative list must be objects")
-    defaults = dict(rule.key_defaults)
-    fields: dict[str, Any] = {}
-    for k in rule.keys:
-        if k in item and item[k] is not None:
-            fields[k] = item[k]
-        elif k in defaults:
-            fields[k] = defaults[k]
-        else:
-            raise _BadItem(f"item omits key field {k!r} (and it has no default)")
-    return fp.key(fields)
+    parts = []
+    for k, default in _key_plan(rule):
+        v = item.get(k)
+        if v is None:
+            if default is _ABSENT:
+                raise _BadItem(f"item omits key field {k!r} (and it has no default)")
+            v = default
+        parts.append((k, fp.canonical_json(v)))
+    return ("k", tuple(parts))
 
 
 def _index_items(items: list[Any], rule: ListRule) -> list[tuple[PathElement, Any]]:
@@ -297,29 +304,28 @@ def compare(lhs: Any, rhs: Any, node: MergeKeys) -> _Comparison:
 def _compare(lhs: Any, rhs: Any, node: MergeKeys, path: Path, out: _Comparison) -> None:
     if lhs is _ABSENT and rhs is _ABSENT:
         return
-    shape = _shape(lhs, rhs, node)
-    if shape == "leaf":
-        if not path:
-            return
-        if lhs is _ABSENT:
-            out.added.add(path)
-        elif rhs is _ABSENT:
-            out.removed.add(path)
-        elif not json_equal(lhs, rhs):
-            out.modified.add(path)
-        return
-    if shape == "map":
+    if _is_map(lhs, rhs, node):
         left = lhs if isinstance(lhs, dict) else {}
         right = rhs if isinstance(rhs, dict) else {}
         for k in left.keys() | right.keys():
             _compare(left.get(k, _ABSENT), right.get(k, _ABSENT), node.child(k), (*path, ("f", k)), out)
     else:
-        rule = node.list_rule
-        assert rule is not None
-        left_items = dict(_index_items(lhs, rule)) if isinstance(lhs, list) else {}
-        right_items = dict(_index_items(rhs, rule)) if isinstance(rhs, list) else {}
+        items = _list_items(lhs, rhs, node)
+        if items is None:  # a leaf: scalar, null, atomic value, empty on both sides, or mismatched shapes
+            if not path:
+                return
+            if lhs is _ABSENT:
+                out.added.add(path)
+            elif rhs is _ABSENT:
+                out.removed.add(path)
+            elif not json_equal(lhs, rhs):
+                out.modified.add(path)
+            return
+        left_items, right_items = items
+        item_node = node.item()
         for pe in left_items.keys() | right_items.keys():
-            _compare(left_items.get(pe, _ABSENT), right_items.get(pe, _ABSENT), node.item(), (*path, pe), out)
+            _compare(left_items.get(pe, _ABSENT), right_items.get(pe, _ABSENT), item_node, (*path, pe), out)
+    # Containers that appear or disappear are reported too (structured-merge-diff's post-item hook).
     if path:
         if lhs is _ABSENT:
             out.added.add(path)
@@ -327,23 +333,31 @@ def _compare(lhs: Any, rhs: Any, node: MergeKeys, path: Path, out: _Comparison) 
             out.removed.add(path)
 
 
-def _shape(lhs: Any, rhs: Any, node: MergeKeys) -> str:
-    """How to compare two values at one position: 'leaf', 'map' or 'list'."""
-    present = [v for v in (lhs, rhs) if v is not _ABSENT]
-    if all(isinstance(v, dict) for v in present):
-        if node.atomic or all(_empty(v) for v in (lhs, rhs)):
-            return "leaf"
-        return "map"
-    if all(isinstance(v, list) for v in present) and _rule_type(node) in ("map", "set"):
-        if all(_empty(v) for v in (lhs, rhs)):
-            return "leaf"
-        try:
-            for v in present:
-                _index_items(v, node.list_rule)  # type: ignore[arg-type]
-        except _BadItem:
-            return "leaf"
-        return "list"
-    return "leaf"
+def _is_map(lhs: Any, rhs: Any, node: MergeKeys) -> bool:
+    """Both sides objects (or absent), granular, and not both empty: compare field by field."""
+    if node.atomic:
+        return False
+    if not (isinstance(lhs, dict) or lhs is _ABSENT) or not (isinstance(rhs, dict) or rhs is _ABSENT):
+        return False
+    return not (_empty(lhs) and _empty(rhs))
+
+
+def _list_items(lhs: Any, rhs: Any, node: MergeKeys) -> tuple[dict[PathElement, Any], dict[PathElement, Any]] | None:
+    """Both sides keyed/set lists (or absent), not both empty, items identifiable: the items by path
+    element. None means: compare as one leaf."""
+    rule = node.list_rule
+    if rule is None or rule.type not in ("map", "set"):
+        return None
+    if not (isinstance(lhs, list) or lhs is _ABSENT) or not (isinstance(rhs, list) or rhs is _ABSENT):
+        return None
+    if _empty(lhs) and _empty(rhs):
+        return None
+    try:
+        left = dict(_index_items(lhs, rule)) if isinstance(lhs, list) else {}
+        right = dict(_index_items(rhs, rule)) if isinstance(rhs, list) else {}
+    except _BadItem:
+        return None
+    return left, right
 
 
 # An applied null over a live value: the field is owned and unset. It stays in the merged object as this
@@ -530,11 +544,13 @@ def _body(obj: JSON | None) -> JSON:
     """A deep copy without metadata.managedFields (ownership is not part of the compared content)."""
     if obj is None:
         return {}
-    out = deep_copy(obj)
-    meta = out.get("metadata")
-    if isinstance(meta, dict):
-        meta.pop("managedFields", None)
-    return out
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or "managedFields" not in meta:
+        return deep_copy(obj)
+    # Skip copying managedFields (often the biggest part of an object) only to drop it.
+    out = {k: deep_copy(v) for k, v in obj.items() if k != "metadata"}
+    out["metadata"] = {k: deep_copy(v) for k, v in meta.items() if k != "managedFields"}
+    return {k: out[k] for k in obj}  # keep the key order
 
 
 def _set_managed_fields(obj: JSON, managers: _Managers) -> None:
@@ -624,9 +640,11 @@ def server_side_apply(
         for ident, entry in managers.items():
             if ident != me.ident:
                 owned |= entry.fields
-        gone = fp.with_prefixes(previous.fields) - fp.with_prefixes(owned)
-        gone = {p for p in gone if p not in _STRIPPED and p[0] != ("f", "apiVersion") and p[0] != ("f", "kind")}
-        _remove_paths(merged, _without_prefixes(gone, resets), node)
+        candidates = previous.fields - owned
+        if candidates:  # usually empty: a re-apply of the same configuration
+            gone = fp.with_prefixes(candidates) - fp.with_prefixes(owned)
+            gone = {p for p in gone if p not in _STRIPPED and p[0] not in (("f", "apiVersion"), ("f", "kind"))}
+            _remove_paths(merged, _without_prefixes(gone, resets), node)
 
     diff = compare(base, merged, node)
     changed = diff.modified | diff.added

@@ -39,6 +39,9 @@ def field(name: str) -> PathElement:
 
 def key(fields: Mapping[str, Any]) -> PathElement:
     """An associative-list item identified by its key fields (order-insensitive)."""
+    if len(fields) == 1:
+        ((name, v),) = fields.items()
+        return ("k", ((name, canonical_json(v)),))
     return ("k", tuple(sorted((k, canonical_json(v)) for k, v in fields.items())))
 
 
@@ -166,8 +169,12 @@ def with_prefixes(paths: Iterable[Path]) -> FieldSet:
     """The set plus every proper prefix of its paths (parents count as present)."""
     out: FieldSet = set()
     for path in paths:
-        for n in range(1, len(path) + 1):
-            out.add(path[:n])
+        # Longest first: once a prefix is known, all shorter ones are too (siblings share parents).
+        for n in range(len(path), 0, -1):
+            prefix = path[:n]
+            if prefix in out:
+                break
+            out.add(prefix)
     return out
 
 

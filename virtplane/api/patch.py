@@ -669,8 +669,35 @@ def _key_of(item: Any, keys: tuple[str, ...]) -> tuple[Any, ...] | None:
         return None
 
 
-def _same_key(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
-    return a is not None and b is not None and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+def _ident(value: Any) -> Any:
+    """A hashable stand-in for a JSON value such that json_equal values get equal stand-ins."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits and the like
+        return repr(value)
+
+
+def _identity_fn(keys: tuple[str, ...]) -> Any:
+    """item -> identity: the merge-key values for keyed lists (None if absent), the value for scalars."""
+    if not keys:
+        return _ident
+
+    def identity(item: Any) -> Any:
+        kv = _key_of(item, keys)
+        return None if kv is None else tuple(_ident(v) for v in kv)
+
+    return identity
+
+
+def _positions(items: Iterable[Any], identity: Any) -> dict[Any, int]:
+    out: dict[Any, int] = {}
+    for i, item in enumerate(items):
+        ident = identity(item)
+        if ident is not None:
+            out.setdefault(ident, i)
+    return out
 
 
 def _smp_list(original: list[Any] | None, patch: list[Any], node: MergeKeys, path: tuple[str | int, ...]) -> list[Any]:
@@ -687,66 +714,67 @@ def _smp_list(original: list[Any] | None, patch: list[Any], node: MergeKeys, pat
     keys = rule.patch_merge_keys
     if not keys:
         return _smp_scalar_list(original, patch, path)
+    identity = _identity_fn(keys)
 
     items: list[JSON] = []
     replace = False
+    deleted: set[Any] = set()
     for n, item in enumerate(patch):
+        where = f"{_dotted(path)}[{n}]"
         if not isinstance(item, dict):
             raise PatchError(
-                f"{_dotted(path)}[{n}]: items of this list must be objects (merged by {', '.join(keys)}), "
-                f"got {_display(item)}",
+                f"{where}: items of this list must be objects (merged by {', '.join(keys)}), got {_display(item)}",
                 status=422,
-                field=f"{_dotted(path)}[{n}]",
+                field=where,
             )
         directive = item.get(_DIRECTIVE, _MISSING)
         if directive is _MISSING or directive == "merge":
             if _key_of(item, keys) is None:
                 raise PatchError(
-                    f"{_dotted(path)}[{n}]: item {_display(item)} does not contain the merge key "
+                    f"{where}: item {_display(item)} does not contain the merge key "
                     f"{' and '.join(repr(k) for k in keys)}",
                     status=422,
-                    field=f"{_dotted(path)}[{n}]",
+                    field=where,
                 )
             items.append(item if directive is _MISSING else {k: v for k, v in item.items() if k != _DIRECTIVE})
         elif directive == "delete":
-            kv = _key_of(item, keys)
-            if kv is None:
+            ident = identity(item)
+            if ident is None:
                 raise PatchError(
-                    f"{_dotted(path)}[{n}]: a {_DIRECTIVE}: delete item must name the merge key "
+                    f"{where}: a {_DIRECTIVE}: delete item must name the merge key "
                     f"{' and '.join(repr(k) for k in keys)}",
                     status=422,
-                    field=f"{_dotted(path)}[{n}]",
+                    field=where,
                 )
-            original = [o for o in original if not _same_key(_key_of(o, keys), kv)]
+            deleted.add(ident)
         elif directive == "replace":
             replace = True
         else:
             raise PatchError(
-                f"{_dotted(path)}[{n}]: unknown {_DIRECTIVE} directive {_display(directive)} "
-                f"(expected replace, delete or merge)",
-                field=f"{_dotted(path)}[{n}]",
+                f"{where}: unknown {_DIRECTIVE} directive {_display(directive)} (expected replace, delete or merge)",
+                field=where,
             )
     if replace:
         original = []
+    elif deleted:
+        original = [o for o in original if identity(o) not in deleted]
 
-    server_order = list(original)
+    server_order = _positions(original, identity)
     merged = [deep_copy(o) for o in original]
+    at_index = dict(server_order)
     for item in items:
-        kv = _key_of(item, keys)
-        at = next((i for i, o in enumerate(merged) if _same_key(_key_of(o, keys), kv)), None)
+        ident = identity(item)
+        at = at_index.get(ident)
         if at is None:
             result = _smp_map({}, item, node.item(), (*path, len(merged)))
             if result is not _DELETE:
+                at_index[ident] = len(merged)
                 merged.append(result)
         else:
             result = _smp_map(merged[at], item, node.item(), (*path, at))
-            merged[at] = result if result is not _DELETE else merged[at]
-
-    def in_patch(x: Any) -> int:
-        xk = _key_of(x, keys)
-        return next((i for i, p in enumerate(items) if _same_key(_key_of(p, keys), xk)), -1)
-
-    return _interleave(merged, in_patch, server_order, lambda a, b: _same_key(_key_of(a, keys), _key_of(b, keys)))
+            if result is not _DELETE:
+                merged[at] = result
+    return _interleave(merged, _positions(items, identity), server_order, identity)
 
 
 def _smp_scalar_list(original: list[Any], patch: list[Any], path: tuple[str | int, ...]) -> list[Any]:
@@ -758,68 +786,58 @@ def _smp_scalar_list(original: list[Any], patch: list[Any], path: tuple[str | in
                 field=f"{_dotted(path)}[{n}]",
             )
     merged: list[Any] = []
+    seen: set[Any] = set()
     for x in [*original, *patch]:
-        if not any(json_equal(x, y) for y in merged):
+        ident = _ident(x)
+        if ident not in seen:
+            seen.add(ident)
             merged.append(deep_copy(x))
-
-    def in_patch(x: Any) -> int:
-        return next((i for i, p in enumerate(patch) if json_equal(p, x)), -1)
-
-    return _interleave(merged, in_patch, original, json_equal)
+    return _interleave(merged, _positions(patch, _ident), _positions(original, _ident), _ident)
 
 
 def _interleave(
-    merged: list[Any],
-    patch_index: Any,
-    server_order: list[Any],
-    same: Any,
+    merged: list[Any], patch_order: dict[Any, int], server_order: dict[Any, int], identity: Any
 ) -> list[Any]:
-    """Order a merged list: items named by the patch follow the patch's order, the others the
-    target's, and the two runs are interleaved by the target's order where both sides know it.
-    `patch_index(item)` is the item's position in the patch ordering or -1."""
-    patch_items = sorted((x for x in merged if patch_index(x) >= 0), key=patch_index)
-    server_items = [x for x in merged if patch_index(x) < 0]
-
-    def server_pos(x: Any) -> int:
-        return next((i for i, s in enumerate(server_order) if same(s, x)), -1)
-
-    server_items.sort(key=lambda x: (server_pos(x) < 0, server_pos(x)))
+    """Order a merged list: items named by the patch follow the patch's order, the others the target's,
+    and the two runs are interleaved by the target's order where both sides know it (an item only the
+    patch knows goes before the target items still waiting, as in Kubernetes)."""
+    idents = [identity(x) for x in merged]
+    patch_items = sorted(((patch_order[i], n) for n, i in enumerate(idents) if i in patch_order), key=lambda t: t[0])
+    server_items = sorted(
+        ((server_order.get(i, len(server_order)), n) for n, i in enumerate(idents) if i not in patch_order),
+        key=lambda t: t[0],
+    )
     out: list[Any] = []
-    i = j = 0
-    while i < len(server_items) or j < len(patch_items):
-        if i >= len(server_items):
-            out.append(patch_items[j])
-            j += 1
-        elif j >= len(patch_items):
-            out.append(server_items[i])
-            i += 1
+    a = b = 0
+    while a < len(server_items) or b < len(patch_items):
+        if a >= len(server_items):
+            out.append(merged[patch_items[b][1]])
+            b += 1
+        elif b >= len(patch_items):
+            out.append(merged[server_items[a][1]])
+            a += 1
         else:
-            si, pj = server_pos(server_items[i]), server_pos(patch_items[j])
-            # A server item goes first only if both are in the target and it was there before.
-            if si >= 0 and pj >= 0 and si < pj:
-                out.append(server_items[i])
-                i += 1
+            si = server_items[a][0]
+            pj = server_order.get(idents[patch_items[b][1]], -1)
+            # A target item goes first only if both are in the target and it was there before.
+            if pj >= 0 and si < pj:
+                out.append(merged[server_items[a][1]])
+                a += 1
             else:
-                out.append(patch_items[j])
-                j += 1
+                out.append(merged[patch_items[b][1]])
+                b += 1
     return out
-
-
-def _order_matcher(rule: ListRule) -> Any:
-    keys = rule.patch_merge_keys
-    if keys:
-        return lambda a, b: _same_key(_key_of(a, keys), _key_of(b, keys))
-    return json_equal
 
 
 def _check_order(patch_list: list[Any], order: list[Any], rule: ListRule, path: tuple[str | int, ...]) -> None:
     """Items the patch sets must appear in `$setElementOrder`, in the same relative order."""
-    same = _order_matcher(rule)
+    identity = _identity_fn(rule.patch_merge_keys)
+    positions = _positions(order, identity)
     pos = -1
     for item in patch_list:
         if isinstance(item, dict) and _DIRECTIVE in item:
             continue
-        at = next((i for i, o in enumerate(order) if same(o, item)), -1)
+        at = positions.get(identity(item), -1)
         if at < 0 or at < pos:
             raise PatchError(
                 f"the order of the items in {_dotted(path)} does not match {_SET_ORDER}{path[-1]}: "
@@ -830,12 +848,8 @@ def _check_order(patch_list: list[Any], order: list[Any], rule: ListRule, path: 
 
 
 def _enforce_order(merged: list[Any], order: list[Any], original: list[Any], rule: ListRule) -> list[Any]:
-    same = _order_matcher(rule)
-
-    def order_index(x: Any) -> int:
-        return next((i for i, o in enumerate(order) if same(o, x)), -1)
-
-    return _interleave(merged, order_index, original, same)
+    identity = _identity_fn(rule.patch_merge_keys)
+    return _interleave(merged, _positions(order, identity), _positions(original, identity), identity)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1059,7 +1073,7 @@ def _schema_list_rule(schema: Mapping[str, Any]) -> ListRule | None:
         item_props = (schema.get("items") or {}).get("properties") or {}
         for k in keys:
             default = (item_props.get(k) or {}).get("default", _MISSING)
-            if default is not _MISSING:
+            if isinstance(default, str | int | float | bool):  # key values are scalars (and hashed)
                 defaults[k] = default
         return ListRule.keyed(*keys, patch_key=patch_key if isinstance(patch_key, str) else None, defaults=defaults)
     if list_type == "set":
