@@ -41,6 +41,7 @@ LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
 BEFORE_FIRST_APPLY = "before-first-apply"
 ANCIENT_CHANGES = "ancient-changes"
 MAX_UPDATE_MANAGERS = 10
+FIELD_MANAGER_MAX_LENGTH = 128
 # Kubernetes' limit on the total size of an object's annotations.
 _ANNOTATIONS_SIZE_LIMIT = 256 * 1024
 
@@ -598,7 +599,12 @@ def server_side_apply(
     the annotation is rewritten to the new configuration, so switching to `--server-side` just works.
     """
     if not manager:
-        raise PatchError("PATCH with apply requires a fieldManager")
+        # Kubernetes' PatchOptions validation; kubectl always sends one ("kubectl").
+        raise PatchError(
+            'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: is required for apply patch',
+            status=422,
+            field="fieldManager",
+        )
     if not isinstance(applied, dict):
         raise PatchError(f"an apply configuration must be an object, got {type(applied).__name__}")
     meta = applied.get("metadata")
@@ -804,6 +810,22 @@ def update_managed_fields(
         del managers[ident]
     _cap_update_managers(managers)
     _set_managed_fields(new, managers)
+
+
+def manager_from_user_agent(user_agent: str) -> str:
+    """The field manager Kubernetes records for a write without `fieldManager`: the User-Agent up to the
+    first "/" (`kubectl/v1.32.4 (linux/amd64) ...` -> `kubectl`), printable characters only, at most
+    128 bytes."""
+    out = ""
+    size = 0
+    for ch in user_agent.split("/", 1)[0]:
+        if not ch.isprintable():
+            continue
+        size += len(ch.encode())
+        if size > FIELD_MANAGER_MAX_LENGTH:
+            break
+        out += ch
+    return out
 
 
 def managed_field_paths(obj: JSON, manager: str, operation: str = "Apply", subresource: str = "") -> list[str]:

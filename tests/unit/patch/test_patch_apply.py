@@ -14,6 +14,7 @@ from virtplane.api.apply import (
     LAST_APPLIED_ANNOTATION,
     ApplyConflictError,
     managed_field_paths,
+    manager_from_user_agent,
     server_side_apply,
     update_managed_fields,
 )
@@ -335,7 +336,16 @@ def test_malformed_configurations_are_400(mutate: Any, needle: str) -> None:
 def test_field_manager_is_required() -> None:
     with pytest.raises(PatchError) as e:
         apply(None, deployment(), "")
-    assert e.value.status == 400
+    assert e.value.status == 422 and "fieldManager: Required value" in e.value.message
+
+
+def test_manager_from_user_agent() -> None:
+    assert manager_from_user_agent("kubectl/v1.32.4 (linux/amd64) kubernetes/4cb5f07") == "kubectl"
+    assert manager_from_user_agent("virt-controller/v1.5.0") == "virt-controller"
+    assert manager_from_user_agent("Go-http-client/1.1") == "Go-http-client"
+    assert manager_from_user_agent("a\x00b") == "ab"
+    assert manager_from_user_agent("x" * 300) == "x" * 128
+    assert manager_from_user_agent("") == ""
 
 
 def test_reset_fields_are_kept_and_not_owned() -> None:
