@@ -375,7 +375,7 @@ def _merge(live: Any, applied: Any, node: MergeKeys) -> Any:
         out = dict(live)
         for k, v in applied.items():
             if v is None:
-                if k in live:
+                if live.get(k) is not None:
                     out[k] = _UNSET
             else:
                 out[k] = _merge(live.get(k, _ABSENT), v, node.child(k))
@@ -586,8 +586,9 @@ def server_side_apply(
     `manager` onto `live` (None: the object does not exist yet and is created from the configuration).
 
     Returns the new object with `metadata.managedFields` updated. Raises ApplyConflictError (409) when
-    the apply changes fields other managers own and `force` is false, PatchError (400) for a malformed
-    configuration (`metadata.managedFields` set, list items without their keys, ...).
+    the apply changes fields other managers own and `force` is false, PatchError 400 for a malformed
+    configuration (`metadata.managedFields` set, list items without their keys, duplicates, ...) and 422
+    when `manager` is empty.
 
     `reset_fields`: dotted prefixes the resource's strategy resets on this endpoint, e.g. `("status",)` on
     the main resource of a kind with a status subresource, `("spec",)` on /status. Their live values are

@@ -831,6 +831,8 @@ def _interleave(
 
 def _check_order(patch_list: list[Any], order: list[Any], rule: ListRule, path: tuple[str | int, ...]) -> None:
     """Items the patch sets must appear in `$setElementOrder`, in the same relative order."""
+    if not order:
+        return  # as in Kubernetes: nothing to check against
     identity = _identity_fn(rule.patch_merge_keys)
     positions = _positions(order, identity)
     pos = -1

@@ -207,6 +207,9 @@ def test_null_in_configuration_unsets_and_owns() -> None:
     assert "paused" not in out["spec"]
     assert ".spec.paused" in managed_field_paths(out, "gitops")
     assert ("ctl", "Update") not in entries(out)
+    # null over an absent or null field changes nothing and conflicts with no one
+    again = apply(out, cfg, "gitops", now=T5)
+    assert again == out
 
 
 # ---------------------------------------------------------------------------------------------------------
