@@ -120,12 +120,15 @@ class NetworkAttachment:
       in); QEMU opens it by name.
     - `fd`: an open tap fd owned by the caller; it is passed to QEMU at start (must stay open until then).
     - `user`: QEMU's user-mode network. Only for this layer's own tests: no isolation, no masquerade rules.
+      `user_options` are extra netdev properties (net, host, dhcpstart, ...): the node agent uses them to
+      give the guest KubeVirt's masquerade addressing until the network layer provides real masquerade.
     """
 
     kind: Literal["tap", "fd", "user"]
     tap_name: str | None = None
     fd: int | None = None
     vhost: bool = False
+    user_options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def tap(cls, name: str, *, vhost: bool = False) -> NetworkAttachment:
@@ -137,8 +140,8 @@ class NetworkAttachment:
         return cls(kind="fd", fd=fd, vhost=vhost, tap_name=tap_name)
 
     @classmethod
-    def user(cls) -> NetworkAttachment:
-        return cls(kind="user")
+    def user(cls, **options: str) -> NetworkAttachment:
+        return cls(kind="user", user_options=tuple(sorted(options.items())))
 
     def __post_init__(self) -> None:
         if self.kind == "tap" and not self.tap_name:

@@ -117,6 +117,7 @@ def plan_nic(
     nd: JSON = {"id": netdev_id(name)}
     if attachment.kind == "user":
         nd["type"] = "user"
+        nd.update(dict(attachment.user_options))
     else:
         nd["type"] = "tap"
         if attachment.kind == "tap":
