@@ -15,6 +15,7 @@ from typing import Any
 
 import virtplane
 from virtplane.apiserver import auth, pki, server
+from virtplane.cli import nodes
 from virtplane.client import rest
 from virtplane.controllers import manager
 from virtplane.store import open_store
@@ -74,6 +75,8 @@ def prepare_apiserver(args: argparse.Namespace) -> tuple[server.APIServer, pki.S
     token_file = data / "tokens.csv"
     token = auth.ensure_admin_token(token_file)
     auth.ensure_token(token_file, CONTROLLER_USER, (auth.COMPONENTS_GROUP,))  # before the server reads the file
+    for i in range(1, getattr(args, "nodes", 0) + 1):
+        nodes.prepare_node_token(data, i)
     store_url = args.store or f"sqlite://{data / 'state.db'}"
     cfg = server.ServerConfig(host=args.bind_address, port=args.port, tls_cert=certs.cert, tls_key=certs.key,
                               token_file=token_file)
@@ -96,9 +99,15 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
     ctrl_kubeconfig = data / "controller.kubeconfig"
     ctrl_token = auth.ensure_token(data / "tokens.csv", CONTROLLER_USER, (auth.COMPONENTS_GROUP,))
     pki.write_kubeconfig(ctrl_kubeconfig, url, certs.ca_cert, ctrl_token)
+    agents: list[nodes.NodeAgentProcess] = []
     if with_controllers:
         ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(ctrl_kubeconfig))
         await ctrl.start()
+        for i in range(1, args.nodes + 1):
+            name, node_dir, node_kubeconfig = nodes.prepare_node(data, i, url, certs.ca_cert)
+            agent = nodes.NodeAgentProcess(name, node_dir, node_kubeconfig)
+            agent.start()
+            agents.append(agent)
     log.info("virtplane is up", extra={"server": url, "kubeconfig": str(kubeconfig),
                                        "version": virtplane.__version__})
     print(f"virtplane {virtplane.__version__} is up at {url}\n"
@@ -107,6 +116,7 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
         await stop.wait()
     finally:
         log.info("shutting down")
+        await asyncio.gather(*(a.stop() for a in agents))
         if ctrl is not None:
             await ctrl.stop()
         await api.stop()
