@@ -197,7 +197,10 @@ class Machine:
         self._lock = asyncio.Lock()  # serialises state-changing actions (kill does not take it)
         self._quit_requested = False  # we asked QEMU to exit: a clean exit is Stopped, not Crashed
         self._killed = False
-        self._reboot_pending = False
+        self._reboot_pending = False  # ACPI reboot: reset + continue when the guest has powered off
+        self._rebooting = False  # ... and that is in progress (its STOP/RESUME events are not news)
+        # Reason to record for the next STOP / RESUME event when we caused it.
+        self._expect: dict[str, str] = {}
         self._last_io_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -309,8 +312,9 @@ class Machine:
             try:
                 await self._launch(timeout if timeout is not None else self.QMP_CONNECT_TIMEOUT)
                 if not paused:
+                    self._expect["RESUME"] = "started"
                     await self._qmp_exec("cont")
-                    self._set_state(RunState.RUNNING)
+                    self._set_state(RunState.RUNNING, "started")
                 else:
                     self._set_state(RunState.PAUSED, "started paused")
             except BaseException as err:
@@ -417,14 +421,16 @@ class Machine:
     async def pause(self) -> None:
         async with self._lock:
             self._guard("pause")
+            self._expect["STOP"] = "paused on request"
             await self._qmp_exec("stop")
             self._set_state(RunState.PAUSED, "paused on request")
 
     async def resume(self) -> None:
         async with self._lock:
             self._guard("resume")
+            self._expect["RESUME"] = "resumed on request"
             await self._qmp_exec("cont")
-            self._set_state(RunState.RUNNING)
+            self._set_state(RunState.RUNNING, "resumed on request")
 
     async def powerdown(self) -> None:
         """Press the ACPI power button. The guest decides; QEMU exits (Stopped) once it has shut down."""
@@ -439,19 +445,29 @@ class Machine:
             self._guard("reset")
             await self._qmp_exec("system_reset")
 
-    async def reboot(self, *, agent_timeout: float = 2.0) -> str:
-        """A guest-visible (orderly) reboot. Through the guest agent when it answers, else by ACPI shutdown
-        followed by a reset once the guest has powered off (libvirt's "fake reboot"). Returns the method."""
+    async def reboot(self, *, method: str = "auto", agent_timeout: float = 2.0) -> str:
+        """A guest-visible (orderly) reboot; returns the method used.
+
+        "agent": qemu-guest-agent's guest-shutdown(reboot). "acpi": the ACPI power button, then, once the guest
+        has powered off (QEMU pauses: -action shutdown=pause), a reset and continue — libvirt's "fake reboot",
+        for guests without an agent. "auto": the agent when it answers a ping within `agent_timeout`, else ACPI.
+        """
+        if method not in ("auto", "agent", "acpi"):
+            raise ValueError(f"unknown reboot method {method!r}")
         async with self._lock:
             self._guard("reboot")
-            try:
-                await self._agent.ping(timeout=agent_timeout)
-            except QMPCommandError:
+            if method == "auto":
+                try:
+                    await self._agent.ping(timeout=agent_timeout)
+                    method = "agent"
+                except QMPCommandError:
+                    method = "acpi"
+            if method == "agent":
+                await self._agent.shutdown("reboot", timeout=agent_timeout)
+            else:
                 self._reboot_pending = True
                 await self._qmp_exec("system_powerdown")
-                return "acpi"
-            await self._agent.shutdown("reboot", timeout=agent_timeout)
-            return "guest-agent"
+            return method
 
     async def kill(self, timeout: float = 10.0) -> ExitInfo:  # noqa: ASYNC109
         """SIGKILL QEMU (by pidfd, never by name) and wait for it to be gone."""
@@ -639,9 +655,10 @@ class Machine:
             if self._reboot_pending and data.get("guest"):
                 # Second half of an ACPI reboot: the guest is off (QEMU paused by -action shutdown=pause).
                 self._reboot_pending = False
+                self._rebooting = True
+                self._expect["RESUME"] = "rebooted"
                 await self._qmp_exec("system_reset")
                 await self._qmp_exec("cont")
-                self._set_state(RunState.RUNNING, "rebooted")
                 return
             if reason == "host-qmp-quit" and self._quit_requested:
                 return  # the echo of our own `quit`: keep the reason that made us quit
@@ -649,11 +666,16 @@ class Machine:
             if not self._quit_requested and reason != "host-qmp-quit":
                 await self._quit()
         elif name == "STOP":
-            if self._state in (RunState.RUNNING, RunState.STARTING):
-                self._set_state(RunState.PAUSED, "stopped")
+            reason = self._expect.pop("STOP", "stopped")
+            if self._state in (RunState.RUNNING, RunState.STARTING) and not self._rebooting:
+                self._set_state(RunState.PAUSED, reason)
         elif name == "RESUME":
-            if self._state in (RunState.PAUSED, RunState.STARTING, RunState.MIGRATING):
-                self._set_state(RunState.RUNNING)
+            reason = self._expect.pop("RESUME", "resumed")
+            if self._rebooting:
+                self._rebooting = False
+                self._set_state(RunState.RUNNING, reason)
+            elif self._state in (RunState.PAUSED, RunState.STARTING, RunState.MIGRATING):
+                self._set_state(RunState.RUNNING, reason)
         elif name == "BLOCK_IO_ERROR":
             self._last_io_error = f"I/O error on {data.get('device') or data.get('node-name')}: {data.get('reason')}"
             if data.get("action") == "stop":

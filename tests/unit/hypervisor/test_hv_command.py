@@ -121,7 +121,7 @@ def test_topology_and_memory_sources(vmi, runtime, volumes, nets) -> None:
     domain["memory"] = {"guest": "1Gi"}
     domain["resources"] = {"requests": {"memory": "512Mi"}, "limits": {"memory": "2Gi"}}
     argv = build_command(vmi, runtime, volumes, nets, "tcg")
-    assert value(argv, "-smp") == "8,sockets=2,cores=2,threads=2,maxcpus=16"
+    assert value(argv, "-smp") == "8,sockets=4,cores=2,threads=2,maxcpus=16"
     assert value(argv, "-m") == "size=1024M"  # memory.guest wins over requests
 
     del domain["cpu"], domain["memory"]

@@ -171,9 +171,10 @@ def build(ctx: BuildContext) -> None:
 
     vcpus, sockets, cores, threads = vcpu_topology(domain)
     max_sockets = (domain.get("cpu") or {}).get("maxSockets") or sockets
+    # -smp describes the maximal topology (sockets = maxSockets); `vcpus` of it are present at boot.
     ctx.head += [
         "-smp",
-        f"{vcpus},sockets={sockets},cores={cores},threads={threads},maxcpus={max_sockets * cores * threads}",
+        f"{vcpus},sockets={max_sockets},cores={cores},threads={threads},maxcpus={max_sockets * cores * threads}",
     ]
 
     ctx.head += ["-rtc", rtc_option(domain)]
