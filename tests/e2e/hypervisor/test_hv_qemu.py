@@ -138,6 +138,23 @@ async def test_bios_disk_cloudinit_pause_hotplug_adopt_powerdown(
         await console.wait(GUEST + f"disk {added.group(1)} removed", 30)
         t[f"unplug-{bus}"] = time.monotonic() - t0
 
+    # NIC hotplug on a spare root port (user networking stands in for the network layer's tap)
+    t0 = time.monotonic()
+    await m.hotplug_nic({"name": "hot-nic", "model": "virtio", "bridge": {}}, NetworkAttachment.user())
+    nic = (await console.wait(GUEST + r"nic (\w+) added", 30)).group(1)
+    t["hotplug-nic"] = time.monotonic() - t0
+    await m.unplug_nic("hot-nic", timeout=30)
+    await console.wait(GUEST + f"nic {nic} removed", 30)
+
+    # the consoles the node agent will proxy: serial on a unix socket (also logged), VNC (RFB) on another
+    reader, writer = await asyncio.open_unix_connection(str(rt.serial_sock))
+    writer.write(b"\n")
+    await asyncio.wait_for(reader.readuntil(b"login: "), 10)
+    writer.close()
+    reader, writer = await asyncio.open_unix_connection(str(rt.vnc_sock))
+    assert (await asyncio.wait_for(reader.readexactly(12), 5)).startswith(b"RFB 003.")
+    writer.close()
+
     # node agent restart: a new Machine adopts the running QEMU; the guest never rebooted
     pid = m.pid
     await m.detach()
