@@ -153,6 +153,7 @@ class ObjectStore:
         self.store = store
         self.registry = reg
         self._recent: dict[tuple[str, int], Stored] = {}  # insertion-ordered: oldest first
+        self._merge_keys_cache: dict[int, tuple[resources.Resource, patch.MergeKeys]] = {}
 
     async def get_stored(self, res: resources.Resource, namespace: str | None, name: str) -> Stored:
         kv = await self.store.get(res.key(namespace, name))
@@ -247,7 +248,7 @@ class ObjectStore:
         if managed_fields is not None:
             meta["managedFields"] = managed_fields  # server-side apply already recorded ownership
         else:
-            self._record_manager(obj, None, opts, "Update")
+            self._record_manager(res, obj, None, opts, "Update")
         if opts.dry_run:
             if await self.store.get(res.key(namespace, name)) is not None:
                 raise errors.already_exists(res, name)
@@ -328,7 +329,7 @@ class ObjectStore:
                     return await self.create(res, namespace, created, opts, managed_fields=managed)
                 raise errors.not_found(res, name)
             old = decode(kv)
-            new = self._apply_patch(res, old, patch_type, body, opts, force)
+            new = self._apply_patch(res, old, patch_type, body, opts, force, subresource)
             meta = new.setdefault("metadata", {})
             if meta.get("resourceVersion") and meta["resourceVersion"] != old["metadata"]["resourceVersion"]:
                 raise errors.conflict(res, name)
@@ -344,7 +345,8 @@ class ObjectStore:
         raise errors.conflict(res, name)
 
     def _apply_patch(
-        self, res: resources.Resource, old: JSON, patch_type: str, body: Any, opts: WriteOptions, force: bool
+        self, res: resources.Resource, old: JSON, patch_type: str, body: Any, opts: WriteOptions, force: bool,
+        subresource: str = "",
     ) -> JSON:
         try:
             if patch_type == "json":
@@ -360,7 +362,8 @@ class ObjectStore:
             if patch_type == "apply":
                 return ssa.server_side_apply(
                     old, body, manager=opts.field_manager or "unknown", force=force,
-                    list_keys=self._merge_keys(res), now=now_rfc3339(),
+                    list_keys=self._merge_keys(res), now=now_rfc3339(), subresource=subresource,
+                    reset_fields=("status",) if res.status_subresource and not subresource else (),
                 )
         except patch.PatchError as exc:
             raise errors.StatusError(
@@ -372,9 +375,16 @@ class ObjectStore:
         raise errors.StatusError(415, f"unsupported patch type {patch_type!r}")
 
     def _merge_keys(self, res: resources.Resource) -> patch.MergeKeys:
+        """Per resource, built once (from a CRD schema that takes milliseconds)."""
+        cached = self._merge_keys_cache.get(id(res))
+        if cached is not None and cached[0] is res:
+            return cached[1]
         if res.from_crd and res.schema is not None:
-            return patch.merge_keys_from_schema(res.schema)
-        return patch.builtin_merge_keys(res.group, res.kind)
+            keys = patch.merge_keys_from_schema(res.schema)
+        else:
+            keys = patch.builtin_merge_keys(res.group, res.kind)
+        self._merge_keys_cache[id(res)] = (res, keys)
+        return keys
 
     async def _write_update(
         self,
@@ -425,7 +435,7 @@ class ObjectStore:
         if spec_part(new) != spec_part(old) and subresource != "status":
             meta["generation"] = int(old_meta.get("generation", 1)) + 1
         if record:
-            self._record_manager(new, old, opts, "Update", subresource)
+            self._record_manager(res, new, old, opts, "Update", subresource)
         meta["resourceVersion"] = old_meta["resourceVersion"]
         if new == old:
             return WriteResult(old, warnings)  # no-op writes keep their resourceVersion, as in Kubernetes
@@ -695,12 +705,14 @@ class ObjectStore:
         return warnings
 
     def _record_manager(
-        self, obj: JSON, old: JSON | None, opts: WriteOptions, operation: str, subresource: str = ""
+        self, res: resources.Resource, obj: JSON, old: JSON | None, opts: WriteOptions, operation: str,
+        subresource: str = "",
     ) -> None:
         if not opts.field_manager:
             return
         ssa.update_managed_fields(
-            old, obj, manager=opts.field_manager, operation=operation, subresource=subresource, now=now_rfc3339()
+            old, obj, manager=opts.field_manager, operation=operation, subresource=subresource, now=now_rfc3339(),
+            list_keys=self._merge_keys(res),
         )
 
     async def _check_namespace_open(self, namespace: str) -> None:
