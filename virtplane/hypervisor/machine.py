@@ -629,6 +629,13 @@ class Machine:
         self._guard("guest_agent")
         return await self._agent.network_interfaces(timeout=timeout)
 
+    async def guest_command(self, command: str, args: Mapping[str, Any] | None = None,
+                            timeout: float = 5.0) -> Any:  # noqa: ASYNC109  # fmt: skip
+        """Any other qemu-guest-agent command (guest-get-users, guest-get-fsinfo, guest-fsfreeze-*, ...), over
+        the Machine's own agent connection: the qga chardev serves one client at a time."""
+        self._guard("guest_agent")
+        return await self._agent.execute(command, args, timeout=timeout)
+
     # -- events --------------------------------------------------------------------------------------
     def events(self, names: Iterable[str] | None = None) -> EventStream:
         """Raw QMP events of this VM (for the node agent's own bookkeeping)."""
