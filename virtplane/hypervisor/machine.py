@@ -371,7 +371,10 @@ class Machine:
 
     def _on_exit(self, info: ExitInfo) -> None:
         """The process is gone (called once, from the event loop)."""
-        clean = info.exit_code == 0 and (self._quit_requested or self._state == RunState.SHUTTING_DOWN)
+        # Exit status 0, or unknown because we adopted QEMU and are not its parent (then our own intent
+        # decides: we only quit QEMU after the guest shut down).
+        status_ok = info.exit_code == 0 or (info.exit_code is None and info.signal is None)
+        clean = status_ok and (self._quit_requested or self._state == RunState.SHUTTING_DOWN)
         if self._killed:
             state, reason = RunState.STOPPED, f"killed on request ({info.reason})"
         elif clean:

@@ -7,21 +7,25 @@ The guest prints `virtplane-guest: ...` lines on the serial console (console.log
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.hypervisor.conftest import GUEST, LogWatch, vmi
+from tests.e2e.hypervisor.conftest import GUEST, REPO, LogWatch, vmi
 from virtplane.hypervisor.accel import probe_kvm, run_probe
 from virtplane.hypervisor.cloudinit import build_for_volume
+from virtplane.hypervisor.devices import spec_hash
 from virtplane.hypervisor.errors import LaunchError
 from virtplane.hypervisor.machine import Machine, RunState
+from virtplane.hypervisor.process import ExitInfo
 from virtplane.hypervisor.runtime import KernelBootFiles, NetworkAttachment, ResolvedVolume, RuntimeDir
 
 pytestmark = pytest.mark.e2e
@@ -210,41 +214,87 @@ async def test_uefi_boot_then_external_kill9(images: dict[str, Path], tmp_path: 
     assert info.signal == signal.SIGKILL and "SIGKILL" in m.reason
 
 
-async def test_kernel_boot_reboot_and_adopt_after_crash(
-    images: dict[str, Path], tmp_path: Path, machines: list[Machine]
-) -> None:
-    rt = RuntimeDir(tmp_path / "rt")
-    spec = vmi(
-        "e2e-kernel",
+def kernel_vmi(name: str) -> dict[str, Any]:
+    return vmi(
+        name,
         disks=[],
         volumes=[],
         domain={"firmware": {"kernelBoot": {
             "kernelArgs": "console=ttyS0,115200",
             "container": {"image": "kernels", "kernelPath": "/boot/vmlinuz", "initrdPath": "/boot/initrd.img"}}}},
     )  # fmt: skip
-    files = KernelBootFiles(kernel=images["vmlinuz"], initrd=images["initrd.img"])
-    m = Machine.create(spec, rt, {}, {"default": NetworkAttachment.user()}, "tcg", kernel_boot=files)
-    machines.append(m)
-    console = LogWatch(rt.console_log)
+
+
+async def test_agent_restart_adopts_orphaned_qemu_kernel_boot(
+    images: dict[str, Path], tmp_path: Path, machines: list[Machine]
+) -> None:
+    """Agent 1 (a separate process) starts a kernelBoot VM and exits; QEMU lives on, parentless. Agent 2 (this
+    test) adopts it, reboots the guest both ways, and powers it down — without being QEMU's parent."""
+    rt = RuntimeDir(tmp_path / "rt")
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({
+        "vmi": kernel_vmi("e2e-kernel"), "runtime": str(rt.path), "kernel": str(images["vmlinuz"]),
+        "initrd": str(images["initrd.img"]), "wait_for": GUEST + "ready",
+    }))  # fmt: skip
     start = time.monotonic()
-    await m.start()
-    await console.wait(GUEST + "booted", 60)
-    print(f"kernelBoot booted in {time.monotonic() - start:.2f}s")
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.e2e.hypervisor.agent_once", str(config), cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(agent.communicate(), 90)
+    assert agent.returncode == 0
+    pid = int(out)
+    print(f"kernelBoot: agent 1 saw the guest ready after {time.monotonic() - start:.2f}s")
+
+    t0 = time.monotonic()
+    m = await Machine.adopt(rt)
+    print(f"adopted in {time.monotonic() - t0:.3f}s")
+    assert m is not None
+    machines.append(m)
+    assert m.pid == pid and m.state == RunState.RUNNING
+    assert m.spec_hash == spec_hash(kernel_vmi("e2e-kernel"))
+    console = LogWatch(rt.console_log)
+    await console.wait(GUEST + "ready")
 
     # guest-visible reboots: through the guest agent, and by ACPI power button + reset; the guest boots again
     for method in ("agent", "acpi"):
-        # The guest handles the power button (acpid) and runs its agent once its boot steps are done.
-        await console.wait(GUEST + "ready", 60)
         t0 = time.monotonic()
         async with m.events({"RESET"}) as resets:
             assert await m.reboot(method=method) == method
             await resets.get(timeout=60)
         await console.wait(GUEST + "booted", 60)
         assert m.state == RunState.RUNNING
+        if method == "acpi":
+            assert m.reason == "rebooted"  # reset + continue by the Machine once the guest powered off
         print(f"reboot via {method}: booted again after {time.monotonic() - t0:.2f}s")
-    assert m.reason == "rebooted"
+        # The guest handles the power button (acpid) and runs its agent once its boot steps are done.
+        await console.wait(GUEST + "ready", 60)
 
-    # the agent "restarts" and QEMU is SIGKILLed meanwhile: adoption reports the crash with its reason
+    info = await _powerdown(m)
+    assert m.state == RunState.STOPPED, m.reason
+    assert info.exit_code is None  # not our child: the status went to init; our intent says it was clean
+    assert "guest-shutdown" in m.reason
+
+
+async def _powerdown(m: Machine) -> ExitInfo:
+    await m.powerdown()
+    return await m.wait_exit(60)
+
+
+async def test_adopt_after_kill9_reports_crash(
+    images: dict[str, Path], tmp_path: Path, machines: list[Machine]
+) -> None:
+    rt = RuntimeDir(tmp_path / "rt")
+    files = KernelBootFiles(kernel=images["vmlinuz"], initrd=images["initrd.img"])
+    m = Machine.create(kernel_vmi("e2e-crash"), rt, {}, {"default": NetworkAttachment.user()}, "tcg",
+                       kernel_boot=files)  # fmt: skip
+    machines.append(m)
+    start = time.monotonic()
+    await m.start()
+    await LogWatch(rt.console_log).wait(GUEST + "booted", 60)
+    print(f"kernelBoot booted in {time.monotonic() - start:.2f}s")
+
+    # the agent goes away, QEMU is SIGKILLed meanwhile; the next agent's adoption reports the crash
     pid = m.pid
     assert pid is not None
     await m.detach()
@@ -252,7 +302,10 @@ async def test_kernel_boot_reboot_and_adopt_after_crash(
     m2 = await Machine.adopt(rt)
     assert m2 is not None and m2.pid == pid
     assert m2.state == RunState.CRASHED
-    assert "SIGKILL" in m2.reason  # we were QEMU's parent, so the status was collectable
+    assert "SIGKILL" in m2.reason  # this process is QEMU's parent, so the status was collectable
+    # ... and stays known: a later adoption reads what this one recorded
+    m3 = await Machine.adopt(rt)
+    assert m3 is not None and m3.state == RunState.CRASHED and m3.reason == m2.reason
 
 
 async def test_start_failure_reports_qemu_stderr(tmp_path: Path, machines: list[Machine]) -> None:
