@@ -81,6 +81,7 @@ ALLOWED: dict[str, frozenset[RunState]] = {
     "query_status": _ALIVE,
     "stats": _ALIVE,
     "guest_agent": frozenset({_S.RUNNING}),
+    "migrate": frozenset({_S.RUNNING, _S.PAUSED}),
 }
 
 # query-status "status" → our state, for adoption and resynchronisation.
@@ -472,6 +473,12 @@ class Machine:
                 await self._qmp_exec("system_powerdown")
             return method
 
+    async def migrate(self, uri: str, **options: Any) -> None:
+        """Live-migrate to a QEMU started with `start(incoming=...)` elsewhere. Reserved: not implemented yet
+        (MIGRATION events already move the state to MIGRATING and on to PAUSED when the source is done)."""
+        self._guard("migrate")
+        raise NotImplementedError("live migration is not implemented yet")
+
     async def kill(self, timeout: float = 10.0) -> ExitInfo:  # noqa: ASYNC109
         """SIGKILL QEMU (by pidfd, never by name) and wait for it to be gone."""
         self._guard("kill")
@@ -699,9 +706,14 @@ class Machine:
             elif status in ("failed", "cancelled"):
                 status_now = await self._qmp_exec("query-status")
                 self._set_state(_QEMU_STATUS.get(status_now["status"], RunState.PAUSED), f"migration {status}")
+        elif name == "RESET":
+            # The vCPUs keep running through a reset; record it so the agent can tell the guest rebooted.
+            if self._state in (RunState.RUNNING, RunState.PAUSED) and not self._rebooting:
+                who = "guest" if data.get("guest") else "host"
+                self._set_state(self._state, f"reset by {who} ({data.get('reason', 'unknown')})")
         elif name == "GUEST_PANICKED":
             self._set_state(RunState.CRASHED, "guest panicked")
-        # RESET, DEVICE_DELETED and the rest need no state change; waiters subscribe to them directly.
+        # DEVICE_DELETED completes an unplug; `_device_del` waits for it on its own subscription.
 
     async def _quit(self) -> None:
         self._quit_requested = True

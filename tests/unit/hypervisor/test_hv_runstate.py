@@ -11,6 +11,8 @@ import pytest
 
 from virtplane.hypervisor.errors import InvalidStateError
 from virtplane.hypervisor.machine import ALLOWED, Machine, RunState
+from virtplane.hypervisor.process import ExitInfo
+from virtplane.hypervisor.qmp import QMPEvent
 from virtplane.hypervisor.runtime import RuntimeDir
 
 
@@ -135,3 +137,53 @@ async def test_adopt_prefers_recorded_exit(runtime: RuntimeDir) -> None:
                                              "state": "Stopped"}))  # fmt: skip
     m = await Machine.adopt(runtime)
     assert m is not None and m.state == RunState.STOPPED and m.reason == "shutdown: guest-shutdown"
+
+
+def ev(name: str, **data: object) -> QMPEvent:
+    return QMPEvent(name=name, data=dict(data), timestamp=0.0)
+
+
+async def test_events_move_the_state(machine: Machine) -> None:
+    seen: list[tuple[RunState, str]] = []
+    machine.add_state_listener(lambda s, r: seen.append((s, r)))
+    machine._state = RunState.RUNNING
+    await machine._on_event(ev("STOP"))
+    assert machine.state == RunState.PAUSED and machine.reason == "stopped"
+    await machine._on_event(ev("RESUME"))
+    assert machine.state == RunState.RUNNING
+    await machine._on_event(ev("RESET", guest=True, reason="guest-reset"))
+    assert machine.state == RunState.RUNNING and machine.reason == "reset by guest (guest-reset)"
+    await machine._on_event(ev("BLOCK_IO_ERROR", device="", **{"node-name": "d-root"}, operation="write",
+                               action="stop", reason="No space left on device"))  # fmt: skip
+    assert machine.state == RunState.PAUSED and "d-root" in machine.reason and "No space" in machine.reason
+    await machine._on_event(ev("RESUME"))
+    await machine._on_event(ev("MIGRATION", status="active"))
+    assert machine.state == RunState.MIGRATING
+    await machine._on_event(ev("MIGRATION", status="completed"))
+    assert machine.state == RunState.PAUSED and machine.reason == "migrated"
+    await machine._on_event(ev("RESUME"))
+    # the guest powered off: QEMU pauses (-action shutdown=pause), the Machine asks it to quit
+    await machine._on_event(ev("SHUTDOWN", guest=True, reason="guest-shutdown"))
+    assert machine.state == RunState.SHUTTING_DOWN and machine.reason == "shutdown: guest-shutdown"
+    assert machine._quit_requested
+    await machine._on_event(ev("SHUTDOWN", guest=False, reason="host-qmp-quit"))  # the echo of our quit
+    assert machine.reason == "shutdown: guest-shutdown"
+    assert [s for s, _ in seen][:2] == [RunState.PAUSED, RunState.RUNNING]
+
+
+async def test_exit_after_quit_is_clean_even_without_status(machine: Machine) -> None:
+    machine._state = RunState.SHUTTING_DOWN
+    machine.reason = "shutdown: guest-shutdown"
+    machine._quit_requested = True
+    machine._on_exit(ExitInfo(None, None, "process gone"))  # adopted: not our child
+    assert machine.state == RunState.STOPPED and machine.reason == "shutdown: guest-shutdown"
+
+
+async def test_unexpected_exit_is_a_crash(machine: Machine, runtime: RuntimeDir) -> None:
+    runtime.create()
+    runtime.stderr_log.write_text("qemu-system-x86_64: something broke\n")
+    machine._state = RunState.RUNNING
+    machine._on_exit(ExitInfo(1, None, "exited with code 1"))
+    assert machine.state == RunState.CRASHED
+    assert machine.reason == "exited with code 1: qemu-system-x86_64: something broke"
+    assert json.loads(runtime.exit_file.read_text())["state"] == "Crashed"
