@@ -224,7 +224,7 @@ class Machine:
         devices = domain.get("devices") or {}
         meta = vmi.get("metadata") or {}
         hotplug = HotplugContext(
-            vcpus=dev.base.vcpu_topology(domain)[0],
+            vcpus=dev.vcpu_topology(domain)[0],
             transitional=bool(devices.get("useVirtioTransitional")),
             mac_seed=meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}",
             block_multiqueue=bool(devices.get("blockMultiQueue")),
@@ -544,7 +544,12 @@ class Machine:
             await self._device_del(dev.disk_device_id(name), timeout)
             names = dev.block_node_names(name)
             for node_name in (names.format, names.file):
-                await self._qmp_exec("blockdev-del", {"node-name": node_name})
+                try:
+                    await self._qmp_exec("blockdev-del", {"node-name": node_name})
+                except QMPCommandError as err:
+                    # Idempotent: a retried unplug finds the nodes of the first attempt already gone.
+                    if "Failed to find node" not in err.message:
+                        raise
 
     async def hotplug_nic(self, iface: Mapping[str, Any], attachment: NetworkAttachment) -> str:
         """Attach a NIC (KubeVirt interface entry + host side) on a spare root port; returns its device id."""
@@ -582,13 +587,22 @@ class Machine:
         async with self._lock:
             self._guard("unplug_nic")
             await self._device_del(dev.nic_device_id(name), timeout)
-            await self._qmp_exec("netdev_del", {"id": dev.netdev_id(name)})
+            try:
+                await self._qmp_exec("netdev_del", {"id": dev.netdev_id(name)})
+            except QMPCommandError as err:
+                if "not found" not in err.message.lower():  # already removed by an earlier attempt
+                    raise
 
     async def _device_del(self, device_id: str, timeout: float) -> None:  # noqa: ASYNC109
         assert self._qmp is not None
         # Subscribe first: DEVICE_DELETED can arrive before device_del returns (SCSI, unrealized devices).
         async with self._qmp.events({"DEVICE_DELETED"}) as stream:
-            await self._qmp_exec("device_del", {"id": device_id})
+            try:
+                await self._qmp_exec("device_del", {"id": device_id})
+            except QMPCommandError as err:
+                if err.error_class == "DeviceNotFound":
+                    return  # gone already (an earlier unplug that timed out completed meanwhile)
+                raise
             try:
                 await stream.wait_for(lambda e: e.data.get("device") == device_id, timeout)
             except TimeoutError as err:
@@ -664,6 +678,9 @@ class Machine:
                 await self._on_event(event)
             except QMPCommandError as err:
                 log.warning("machine %s: handling %s failed: %s", self.runtime.path, event.name, err)
+            except Exception:
+                # Never let one odd event stop the state tracking for the rest of the VM's life.
+                log.exception("machine %s: handling %s failed", self.runtime.path, event.name)
 
     async def _on_event(self, event: QMPEvent) -> None:
         name, data = event.name, event.data

@@ -141,6 +141,7 @@ async def test_bios_disk_cloudinit_pause_hotplug_adopt_powerdown(
         await m.unplug_disk(f"hot-{bus}", timeout=30)
         await console.wait(GUEST + f"disk {added.group(1)} removed", 30)
         t[f"unplug-{bus}"] = time.monotonic() - t0
+        await m.unplug_disk(f"hot-{bus}")  # idempotent: a retry after a timeout must not fail
 
     # NIC hotplug on a spare root port (user networking stands in for the network layer's tap)
     t0 = time.monotonic()
@@ -149,6 +150,7 @@ async def test_bios_disk_cloudinit_pause_hotplug_adopt_powerdown(
     t["hotplug-nic"] = time.monotonic() - t0
     await m.unplug_nic("hot-nic", timeout=30)
     await console.wait(GUEST + f"nic {nic} removed", 30)
+    await m.unplug_nic("hot-nic")
 
     # the consoles the node agent will proxy: serial on a unix socket (also logged), VNC (RFB) on another
     reader, writer = await asyncio.open_unix_connection(str(rt.serial_sock))

@@ -45,6 +45,7 @@ from .base import (
     netdev_id,
     nic_device_id,
     opt_escape,
+    vcpu_topology,
 )
 from .disks import DiskPlan, plan_disk
 from .interfaces import NicPlan, plan_nic
@@ -82,6 +83,7 @@ __all__ = [
     "plan_launch",
     "plan_nic",
     "spec_hash",
+    "vcpu_topology",
 ]
 
 
