@@ -204,6 +204,7 @@ class Machine:
         self._expect: dict[str, str] = {}
         self._last_io_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._detached = False
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -279,6 +280,8 @@ class Machine:
             return self._state
 
     def _guard(self, action: str) -> None:
+        if self._detached:
+            raise InvalidStateError(action, "detached (adopt the runtime dir to control this VM again)")
         allowed = ALLOWED[action]
         if self._state not in allowed:
             order = list(RunState)
@@ -416,7 +419,9 @@ class Machine:
 
     async def detach(self) -> None:
         """Let go of QEMU without touching it (what an exiting node agent does): close the monitor and agent
-        connections and stop watching the pid. Another Machine can then `adopt` the runtime dir."""
+        connections and stop watching the pid. Another Machine can then `adopt` the runtime dir; this one
+        refuses further actions."""
+        self._detached = True
         if self._watch is not None:
             self._watch.close()
         await self._close_monitors()

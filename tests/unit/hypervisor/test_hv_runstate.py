@@ -187,3 +187,10 @@ async def test_unexpected_exit_is_a_crash(machine: Machine, runtime: RuntimeDir)
     assert machine.state == RunState.CRASHED
     assert machine.reason == "exited with code 1: qemu-system-x86_64: something broke"
     assert json.loads(runtime.exit_file.read_text())["state"] == "Crashed"
+
+
+async def test_detached_machine_refuses_actions(machine: Machine) -> None:
+    machine._state = RunState.RUNNING
+    await machine.detach()
+    with pytest.raises(InvalidStateError, match="detached"):
+        await machine.pause()
