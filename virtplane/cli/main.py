@@ -133,6 +133,32 @@ async def run_controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_node_parser(sub: Any) -> None:
+    node = sub.add_parser("node", help="run a node agent (runs the VMs scheduled to NAME)")
+    node.add_argument("--kubeconfig", type=Path, required=True, help="kubeconfig with a components token")
+    node.add_argument("--name", required=True, help="the Node name to register")
+    node.add_argument("--data-dir", type=Path, required=True, help="images, VM runtime dirs, agent certificate")
+    node.add_argument("--address", default="127.0.0.1", help="InternalIP of the node; the agent API binds here")
+    node.add_argument("--port", type=int, default=0, help="agent HTTPS port (0 picks a free one)")
+    node.add_argument("--insecure-registry", action="append", default=[],
+                      help="registry host[:port] to pull containerDisks from over plain HTTP (repeatable)")
+    node.add_argument("--log-level", default="info")
+
+
+async def run_node(args: argparse.Namespace) -> int:
+    from virtplane.node.agent import AgentConfig, NodeAgent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    agent = NodeAgent(AgentConfig(kubeconfig=args.kubeconfig, name=args.name, data_dir=args.data_dir,
+                                  address=args.address, port=args.port,
+                                  insecure_registries=tuple(args.insecure_registry)))
+    await agent.run(stop)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="virtplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"virtplane {virtplane.__version__}")
@@ -146,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ctl = sub.add_parser("controller", help="run the controllers against an API server")
     ctl.add_argument("--kubeconfig", default=None)
     ctl.add_argument("--log-level", default="info")
+    add_node_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
@@ -155,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run_apiserver(args, with_controllers=False))
         if args.command == "controller":
             return asyncio.run(run_controller(args))
+        if args.command == "node":
+            return asyncio.run(run_node(args))
     except KeyboardInterrupt:
         return 130
     except (StoreError, OSError) as exc:
