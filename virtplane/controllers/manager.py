@@ -7,7 +7,7 @@ import contextlib
 from typing import Any, Protocol
 
 from virtplane.client import rest
-from virtplane.controllers import garbage_collector, namespace
+from virtplane.controllers import garbage_collector, namespace, scheduler, virtualmachine, vmi
 
 
 class Controller(Protocol):
@@ -21,6 +21,9 @@ class ControllerManager:
         self.controllers: list[Controller] = [
             garbage_collector.GarbageCollector(self.client),
             namespace.NamespaceController(self.client),
+            virtualmachine.VMController(self.client),
+            vmi.VMIController(self.client),
+            scheduler.Scheduler(self.client),
         ]
 
     async def start(self) -> None:
