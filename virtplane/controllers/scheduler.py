@@ -432,7 +432,8 @@ class Scheduler:
         log.info("bound pod %s/%s to %s", ns, name, node)
         await self.recorder.event(pod, "Normal", "Scheduled", f"Successfully assigned {ns}/{name} to {node}")
         # The binding subresource sets only spec.nodeName; PodScheduled=True is ours to report.
-        cond = {"type": "PodScheduled", "status": "True", "lastProbeTime": None,
+        # reason/message null: a merge by type would otherwise keep the old Unschedulable explanation
+        cond = {"type": "PodScheduled", "status": "True", "reason": None, "message": None, "lastProbeTime": None,
                 "lastTransitionTime": events.now_rfc3339()}
         with contextlib.suppress(rest.NotFound):
             await self.client.patch(PODS, name, {"status": {"conditions": [cond]}}, ns,

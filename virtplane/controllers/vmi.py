@@ -50,7 +50,7 @@ VM_NAME_LABEL = "vm.kubevirt.io/name"
 DOMAIN_ANNOTATION = "kubevirt.io/domain"
 SCHEDULABLE_LABEL = "kubevirt.io/schedulable"
 ALLOW_POD_BRIDGE_MIGRATION = "kubevirt.io/allow-pod-bridge-network-live-migration"
-LAUNCHER_IMAGE = f"virtplane/virt-launcher:v{virtplane.__version__}"
+LAUNCHER_IMAGE = f"virtplane/virt-launcher:{virtplane.__version__}"  # what the node agent reports back
 NODE_LEASE_NAMESPACE = "kube-node-lease"
 
 # KubeVirt reserves ~240Mi per launcher for libvirt+QEMU(KVM); a bare QEMU under TCG with no libvirt needs
@@ -67,7 +67,9 @@ EXPECTATION_TIMEOUT = 30.0
 
 FINAL_PHASES = ("Succeeded", "Failed")
 UNPROCESSED_PHASES = ("", "Pending")
-OWNED_SYNC_REASONS = ("FailedPvcNotFound", "ErrImagePull", "ImagePullBackOff")
+# Synchronized reasons this controller sets before the hand-over (the node agent owns the condition after it).
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff")
+OWNED_SYNC_REASONS = ("FailedPvcNotFound", *IMAGE_PULL_REASONS)
 POD_NOT_EXISTS = ("PodNotExists", "virt-launcher pod has not yet been scheduled")
 GUEST_NOT_RUNNING = ("GuestNotRunning", "Guest VM is not reported as running")
 
@@ -520,8 +522,6 @@ class VMIController:
                 conditions = set_condition(conditions, _ready_false(*POD_NOT_EXISTS))
                 await self.recorder.event(vmi, "Warning", "Stopped",
                                           "The virt-launcher pod of the VirtualMachineInstance vanished")
-            elif phase == "Scheduled":
-                conditions = _sync_image_error(conditions, pod)
 
         phase_now = status.get("phase") or ""
         if not deleted and phase_now in ("Pending", "Scheduling"):
@@ -662,6 +662,6 @@ def _sync_image_error(conditions: list[JSON], pod: JSON) -> list[JSON]:
         return set_condition(conditions, {"type": "Synchronized", "status": "False", "reason": err[0],
                                           "message": err[1], "lastProbeTime": None,
                                           "lastTransitionTime": now_rfc3339()})
-    if current is not None and current.get("reason") in OWNED_SYNC_REASONS:
+    if current is not None and current.get("reason") in IMAGE_PULL_REASONS:
         return remove_condition(conditions, "Synchronized")
     return conditions
