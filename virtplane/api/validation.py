@@ -573,7 +573,7 @@ def validate_annotations(annotations: Any, path: str) -> list[Cause]:
     return causes
 
 
-def _validate_finalizers(finalizers: Any, path: str) -> list[Cause]:
+def _validate_finalizers(finalizers: Any, path: str, strict: bool = True) -> list[Cause]:
     causes: list[Cause] = []
     if not isinstance(finalizers, list):
         return causes
@@ -586,7 +586,9 @@ def _validate_finalizers(finalizers: Any, path: str) -> list[Cause]:
         msgs = is_qualified_name(f)
         for msg in msgs:
             causes.append(invalid(path, f, msg))
-        if not msgs and "/" not in f and f not in STANDARD_FINALIZERS:
+        # Only built-in kinds insist on qualified finalizer names; for custom resources Kubernetes
+        # merely warns (KubeVirt's VMIs carry `foregroundDeleteVirtualMachine`).
+        if strict and not msgs and "/" not in f and f not in STANDARD_FINALIZERS:
             causes.append(invalid(path, f, "name is neither a standard finalizer name nor is it fully qualified"))
         if f in seen:
             causes.append(duplicate(path, f))
@@ -614,7 +616,8 @@ def _validate_owner_refs(refs: Any, path: str) -> list[Cause]:
 
 
 def validate_object_meta(
-    obj: JSON, namespaced: bool, *, is_namespace_kind: bool = False, name_format: str = ""
+    obj: JSON, namespaced: bool, *, is_namespace_kind: bool = False, name_format: str = "",
+    custom_resource: bool = False,
 ) -> list[Cause]:
     """apimachinery's ValidateObjectMeta for `obj["metadata"]`.
 
@@ -664,5 +667,5 @@ def validate_object_meta(
     causes.extend(validate_labels(meta.get("labels"), f"{path}.labels"))
     causes.extend(validate_annotations(meta.get("annotations"), f"{path}.annotations"))
     causes.extend(_validate_owner_refs(meta.get("ownerReferences"), f"{path}.ownerReferences"))
-    causes.extend(_validate_finalizers(meta.get("finalizers"), f"{path}.finalizers"))
+    causes.extend(_validate_finalizers(meta.get("finalizers"), f"{path}.finalizers", strict=not custom_resource))
     return causes

@@ -692,7 +692,8 @@ class ObjectStore:
         causes: list[resources.Cause] = []
         causes.extend(
             validation.validate_object_meta(
-                obj, res.namespaced, is_namespace_kind=(res.group == "" and res.plural == "namespaces")
+                obj, res.namespaced, is_namespace_kind=(res.group == "" and res.plural == "namespaces"),
+                custom_resource=res.from_crd,
             )
         )
         if validator is not None:
