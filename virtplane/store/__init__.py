@@ -27,7 +27,7 @@ from virtplane.store import interface
 BACKENDS: Mapping[str, str] = types.MappingProxyType(
     {
         "sqlite": "virtplane.store.sqlite",
-        # "etcd": "virtplane.store.etcd",  # the etcd backend, when it exists
+        "etcd": "virtplane.store.etcd",
     }
 )
 
