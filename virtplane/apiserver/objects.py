@@ -22,6 +22,7 @@ import orjson
 
 from virtplane.api import admission, patch, resources, validation
 from virtplane.api import apply as ssa
+from virtplane import hypervisor
 from virtplane.apiserver import errors, registry, selectors
 from virtplane.store import interface as store_api
 
@@ -700,6 +701,7 @@ class ObjectStore:
             causes.extend(validator.validate(obj))
         if not causes and subresource != "status":
             causes.extend(admission.validate(res, obj, old, operation, privileged=opts.privileged))
+            causes.extend(_unsupported_by_hypervisor(res, obj))
         if causes:
             name = (obj.get("metadata") or {}).get("name") or (obj.get("metadata") or {}).get("generateName", "")
             raise errors.invalid(res, res.kind, name, causes)
@@ -728,6 +730,29 @@ class ObjectStore:
             raise errors.forbidden(
                 f"unable to create new content in namespace {namespace} because it is being terminated"
             )
+
+
+# Where a kind carries a VMI spec the hypervisor must be able to run (KubeVirt field paths).
+_VMI_SPEC_PATHS = {
+    ("kubevirt.io", "VirtualMachineInstance"): ("spec",),
+    ("kubevirt.io", "VirtualMachine"): ("spec", "template", "spec"),
+    ("kubevirt.io", "VirtualMachineInstanceReplicaSet"): ("spec", "template", "spec"),
+    ("pool.kubevirt.io", "VirtualMachinePool"): ("spec", "virtualMachineTemplate", "spec", "template", "spec"),
+}
+
+
+def _unsupported_by_hypervisor(res: resources.Resource, obj: JSON) -> list[resources.Cause]:
+    """Reject up front (422) what the hypervisor cannot run, instead of failing or ignoring it at start."""
+    path = _VMI_SPEC_PATHS.get((res.group, res.kind))
+    if path is None:
+        return []
+    spec: Any = obj
+    for p in path:
+        spec = spec.get(p) if isinstance(spec, dict) else None
+    if not isinstance(spec, dict):
+        return []
+    return [resources.Cause("FieldValueNotSupported", message, field)
+            for field, message in hypervisor.check_supported(spec, ".".join(path))]
 
 
 async def cancel_quietly(task: asyncio.Task[Any]) -> None:

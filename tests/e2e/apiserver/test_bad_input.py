@@ -130,3 +130,34 @@ def test_duplicate_create_is_409_and_keeps_the_first(cluster: Cluster) -> None:
     code, stored = call(cluster, "GET", VMS + "/dup", None)
     assert stored["spec"]["runStrategy"] == "Halted"
     call(cluster, "DELETE", VMS + "/dup", None)
+
+
+def _devices(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["template"]["spec"]["domain"]["devices"]
+
+
+def test_vm_specs_the_runtime_cannot_run_are_422_naming_the_field(cluster: Cluster) -> None:
+    gpu = vm("with-gpu")
+    _devices(gpu)["gpus"] = [{"name": "g1", "deviceName": "nvidia.com/GP102GL_Tesla_P40"}]
+    code, body = call(cluster, "POST", VMS, json.dumps(gpu).encode())
+    assert_status(code, body, 422, "spec.template.spec.domain.devices.gpus")
+
+    bad_bus = vm("bad-bus")
+    _devices(bad_bus)["disks"] = [{"name": "root", "disk": {"bus": "floppy"}}]
+    bad_bus["spec"]["template"]["spec"]["volumes"] = [{"name": "root", "containerDisk": {"image": "x"}}]
+    code, body = call(cluster, "POST", VMS, json.dumps(bad_bus).encode())
+    assert_status(code, body, 422, "disks[0]")
+    assert "floppy" in body["message"]
+
+    no_volume = vm("no-volume")
+    _devices(no_volume)["disks"] = [{"name": "root", "disk": {"bus": "virtio"}}]
+    code, body = call(cluster, "POST", VMS, json.dumps(no_volume).encode())
+    assert_status(code, body, 422, "disks[0].name")
+
+    dup = vm("dup-disks")
+    _devices(dup)["disks"] = [{"name": "root", "disk": {}}, {"name": "root", "disk": {}}]
+    dup["spec"]["template"]["spec"]["volumes"] = [{"name": "root", "containerDisk": {"image": "x"}}]
+    code, body = call(cluster, "POST", VMS, json.dumps(dup).encode())
+    assert_status(code, body, 422, "disks[1].name")
+    for name in ("with-gpu", "bad-bus", "no-volume", "dup-disks"):
+        assert call(cluster, "GET", f"{VMS}/{name}", None)[0] == 404
