@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
+from virtplane import hypervisor
 from virtplane.api import admission, patch, resources, validation
 from virtplane.api import apply as ssa
-from virtplane import hypervisor
 from virtplane.apiserver import errors, registry, selectors
 from virtplane.store import interface as store_api
 
