@@ -130,6 +130,7 @@ class VMIController:
             if machine is None:
                 continue  # never launched (a start was interrupted): reconcile starts over
             rt.machine = machine
+            rt.dead_at_adoption = not machine.state.alive
             machine.add_state_listener(self._listener(rt.key))
             self.runtimes[rt.key] = rt
             if machine.state.alive:
@@ -252,11 +253,7 @@ class VMIController:
             if state == RunState.STOPPED:
                 await self._finish(key, vmi, rt, st.SUCCEEDED, machine.reason or "guest shut down")
             else:
-                reason = machine.reason or "QEMU exited"
-                if machine.exit_info is not None and machine.exit_info.exit_code is None \
-                        and machine.exit_info.signal is None and "process gone" in reason:
-                    reason = f"QEMU exited while the node agent was not watching ({reason})"
-                await self._finish(key, vmi, rt, st.FAILED, reason)
+                await self._finish(key, vmi, rt, st.FAILED, self._crash_reason(rt))
             return None
         if state == RunState.CREATED:
             return None
@@ -282,6 +279,21 @@ class VMIController:
             await self._write_pod(pod, lambda old: st.launcher_pod_status(
                 old, phase="Running", host_ip=self.node_ip, pod_ip=self.node_ip, started_at=rt.meta.started_at))
         return RESYNC_SECONDS
+
+    @staticmethod
+    def _crash_reason(rt: VMIRuntime) -> str:
+        machine = rt.machine
+        assert machine is not None
+        reason = machine.reason or "QEMU exited"
+        info = machine.exit_info
+        if info is not None and info.exit_code is None and info.signal is None:
+            # Not our child (adopted after an agent restart): its exit status went to init, not to us.
+            when = "while the node agent was down" if rt.dead_at_adoption else "after this node agent adopted it"
+            reason = f"QEMU (pid {machine.pid}) exited {when}; exit status unknown ({reason})"
+            tail = _log_tail(rt.runtime.stderr_log)
+            if tail:
+                reason += f"; qemu.log: {tail}"
+        return reason
 
     def _running_status(self, obj: JSON, rt: VMIRuntime) -> None:
         machine = rt.machine
@@ -507,3 +519,13 @@ def _same_pod_status(a: JSON, b: JSON) -> bool:
         return s
 
     return strip(a) == strip(b)
+
+
+def _log_tail(path: Path, limit: int = 300) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return " | ".join(f.read().decode(errors="replace").strip().splitlines()[-2:])
+    except OSError:
+        return ""

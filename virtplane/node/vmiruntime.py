@@ -84,6 +84,7 @@ class VMIRuntime:
         self.agent = GuestAgentView()
         self.deletion_started: float | None = None  # loop time of the first graceful-shutdown signal
         self.last_powerdown: float = 0.0
+        self.dead_at_adoption = False  # QEMU had already exited when this agent started
         self._poller: asyncio.Task[None] | None = None
 
     @property
