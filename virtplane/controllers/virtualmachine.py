@@ -16,8 +16,11 @@ virt-controller does (pkg/virt-controller/watch/vm).
   its VMI first and the VM shows Terminating until the VMI is gone.
 
 KubeVirt remembers the spec a VMI was started from in a ControllerRevision; virtplane keeps two hashes on
-the VMI instead (the whole template, to bump `kubevirt.io/vm-generation` when nothing that matters changed,
-and the template spec without the live-updatable fields, for RestartRequired).
+the VMI instead: the template's metadata, and its spec without the live-updatable fields (RestartRequired
+compares the latter). `kubevirt.io/vm-generation` on the VMI (hence `status.observedGeneration`) follows the
+VM's generation when both hashes still match and the live-updatable fields have reached the VMI; KubeVirt
+compares with the boot-time snapshot there, so its observedGeneration never catches up after a live update
+(kubevirt/kubevirt#18700).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ GENERATION_ANNOTATION = "kubevirt.io/vm-generation"
 LATEST_API_ANNOTATION = "kubevirt.io/latest-observed-api-version"
 STORAGE_API_ANNOTATION = "kubevirt.io/storage-observed-api-version"
 API_VERSION = "v1"
-TEMPLATE_HASH_ANNOTATION = "virtplane.io/vm-template-hash"
+METADATA_HASH_ANNOTATION = "virtplane.io/vm-template-metadata-hash"
 SPEC_HASH_ANNOTATION = "virtplane.io/vm-template-spec-hash"
 IMMEDIATE_DV_ANNOTATION = "kubevirt.io/immediate-data-volume-creation"
 # With KubeVirt's default LiveUpdate rollout these follow a running VMI without a restart.
@@ -351,8 +354,8 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-def template_hash(vm: JSON) -> str:
-    return _hash((vm.get("spec") or {}).get("template") or {})
+def template_metadata_hash(vm: JSON) -> str:
+    return _hash((((vm.get("spec") or {}).get("template") or {}).get("metadata")) or {})
 
 
 def template_spec_hash(vm: JSON) -> str:
@@ -361,6 +364,17 @@ def template_spec_hash(vm: JSON) -> str:
     for k in LIVE_UPDATABLE:
         spec.pop(k, None)
     return _hash(spec)
+
+
+def observes_template(vm: JSON, vmi: JSON) -> bool:
+    """Whether the VMI reflects the VM's current template: started from the same metadata and spec, with the
+    live-updatable fields carried over."""
+    annotations = vmi["metadata"].get("annotations") or {}
+    if annotations.get(METADATA_HASH_ANNOTATION) != template_metadata_hash(vm) \
+            or annotations.get(SPEC_HASH_ANNOTATION) != template_spec_hash(vm):
+        return False
+    tspec = (((vm.get("spec") or {}).get("template") or {}).get("spec")) or {}
+    return all(tspec.get(k) == (vmi.get("spec") or {}).get(k) for k in LIVE_UPDATABLE)
 
 
 def restart_required(vm: JSON, vmi: JSON | None) -> bool | None:
@@ -390,7 +404,7 @@ def vmi_from_vm(vm: JSON) -> JSON:
         firmware["uuid"] = _legacy_firmware_uuid(meta["name"])
     annotations = {**(tmeta.get("annotations") or {}),
                    GENERATION_ANNOTATION: str(meta.get("generation", 1)),
-                   TEMPLATE_HASH_ANNOTATION: template_hash(vm),
+                   METADATA_HASH_ANNOTATION: template_metadata_hash(vm),
                    SPEC_HASH_ANNOTATION: template_spec_hash(vm),
                    LATEST_API_ANNOTATION: API_VERSION, STORAGE_API_ANNOTATION: API_VERSION}
     return {
@@ -446,6 +460,7 @@ class VMController:
         # KubeVirt's expectations: a VMI we created / deleted that the informer has not reflected yet.
         self._created: dict[informer.Key, tuple[JSON, float]] = {}
         self._deleted: dict[informer.Key, tuple[str, float]] = {}
+        self._writes = vmi_ctrl.WriteTracker()
         self.vms.add_handler(self._on_vm)
         self.vmis.add_handler(self._on_vmi)
         self.dvs.add_handler(self._on_volume)
@@ -518,6 +533,8 @@ class VMController:
         if not (self.vms.synced.is_set() and self.vmis.synced.is_set()):
             return 0.2
         vm = self.vms.get(*key)
+        if self._writes.stale(key, vm):
+            return 0.05  # decisions need our last write (e.g. a startFailure) in the cache first
         if vm is None:
             return None
         if await self._ensure_metadata(vm):
@@ -583,6 +600,7 @@ class VMController:
         patch["resourceVersion"] = meta["resourceVersion"]
         try:
             await self.client.patch(VMS, meta["name"], {"metadata": patch}, meta.get("namespace"))
+            self._writes.wrote(informer.key_of(vm), meta["resourceVersion"])
         except (rest.NotFound, rest.Conflict):
             pass  # gone, or changed: the watch brings it back either way
         return True
@@ -606,6 +624,7 @@ class VMController:
         patch = {"metadata": {"finalizers": rest_f, "resourceVersion": meta["resourceVersion"]}}
         try:
             await self.client.patch(VMS, meta["name"], patch, meta.get("namespace"))
+            self._writes.wrote(informer.key_of(vm), meta["resourceVersion"])
         except rest.NotFound:
             pass
         except rest.Conflict:
@@ -650,9 +669,11 @@ class VMController:
         reqs = [*_requests(vm), {"action": "Start"}]
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": {"stateChangeRequests": reqs}}
         try:
-            return await self.client.patch(VMS, meta["name"], patch, meta.get("namespace"), subresource="status")
+            patched = await self.client.patch(VMS, meta["name"], patch, meta.get("namespace"), subresource="status")
         except rest.APIError as exc:
             raise SyncError("FailedDelete", f"failed to patch VM with start action: {exc}") from exc
+        self._writes.wrote(informer.key_of(vm), meta["resourceVersion"])
+        return patched
 
     async def _set_always(self, vm: JSON) -> None:
         meta = vm["metadata"]
@@ -661,6 +682,7 @@ class VMController:
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "spec": spec_patch}
         try:
             await self.client.patch(VMS, meta["name"], patch, meta.get("namespace"))
+            self._writes.wrote(informer.key_of(vm), meta["resourceVersion"])
         except rest.Conflict:
             self.queue.add_after(informer.key_of(vm), 0.1)
 
@@ -669,11 +691,10 @@ class VMController:
         generation (so a runStrategy change does not look like an unobserved template change)."""
         if vmi is None or "resourceVersion" not in vmi["metadata"]:
             return vmi
-        annotations = vmi["metadata"].get("annotations") or {}
         generation = str(vm["metadata"].get("generation", 1))
-        if annotations.get(GENERATION_ANNOTATION) == generation:
+        if (vmi["metadata"].get("annotations") or {}).get(GENERATION_ANNOTATION) == generation:
             return vmi
-        if annotations.get(TEMPLATE_HASH_ANNOTATION) != template_hash(vm):
+        if not observes_template(vm, vmi):
             return vmi
         patch = {"metadata": {"annotations": {GENERATION_ANNOTATION: generation},
                               "resourceVersion": vmi["metadata"]["resourceVersion"]}}
@@ -808,6 +829,7 @@ class VMController:
         except rest.Conflict:
             self.queue.add_after(informer.key_of(vm), 0.1)
             return
+        self._writes.wrote(informer.key_of(vm), meta["resourceVersion"])
         if old.get("printableStatus") != status.get("printableStatus"):
             log.info("VM %s/%s: %s -> %s", meta.get("namespace"), meta["name"], old.get("printableStatus") or "<none>",
                      status["printableStatus"])

@@ -154,6 +154,29 @@ def format_millicpu(m: int) -> str:
     return str(m // 1000) if m % 1000 == 0 else f"{m}m"
 
 
+class WriteTracker:
+    """Remembers which resourceVersion each of our writes replaced, so that a reconcile never decides on the
+    version it has just overwritten while the informer has not delivered the new one yet (e.g. start a VMI
+    again before the startFailure it just recorded is in the cache)."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self._replaced: dict[tuple[str, str], tuple[str, float]] = {}
+        self._timeout = timeout
+
+    def wrote(self, key: tuple[str, str], replaced_rv: str) -> None:
+        self._replaced[key] = (replaced_rv, time.monotonic())
+
+    def stale(self, key: tuple[str, str], obj: JSON | None) -> bool:
+        entry = self._replaced.get(key)
+        if entry is None:
+            return False
+        rv, when = entry
+        if obj is None or obj["metadata"].get("resourceVersion") != rv or time.monotonic() - when > self._timeout:
+            self._replaced.pop(key, None)
+            return False
+        return True
+
+
 # --------------------------------------------------------------------------------------------------
 # the launcher pod
 
@@ -416,6 +439,7 @@ class VMIController:
         self.recorder = events.EventRecorder(client, COMPONENT)
         # Pods we created that the informer has not shown yet: (pod, when) by VMI uid (KubeVirt's expectations).
         self._created: dict[str, tuple[JSON, float]] = {}
+        self._writes = WriteTracker()
         self.vmis.add_handler(self._on_vmi)
         self.pods.add_handler(self._on_pod)
         self.pvcs.add_handler(self._on_volume)
@@ -490,6 +514,8 @@ class VMIController:
         if not (self.vmis.synced.is_set() and self.pods.synced.is_set()):
             return 0.2  # never judge a pod missing from a cache that is still filling
         vmi = self.vmis.get(*key)
+        if self._writes.stale(key, vmi):
+            return 0.05  # our last write is not in the cache yet
         if vmi is None:
             return None  # its pods go with it (ownerReference, garbage collection)
         pods = self._pods_of(vmi)
@@ -645,6 +671,7 @@ class VMIController:
             # someone (the node agent) wrote meanwhile; the watch brings the fresh object, and we look again
             self.queue.add_after(informer.key_of(old), 0.1)
             return
+        self._writes.wrote(informer.key_of(old), meta["resourceVersion"])
         before, after = (old.get("status") or {}).get("phase"), (new.get("status") or {}).get("phase")
         if before != after:
             log.info("VMI %s/%s: %s -> %s", meta.get("namespace"), meta["name"], before or "<none>", after)

@@ -267,6 +267,21 @@ def test_restart_required_ignores_live_updatable_fields() -> None:
     assert v.restart_required(the_vm, vmi()) is None  # not started by us: unknown
 
 
+def test_observed_generation_follows_live_updates_and_metadata() -> None:
+    the_vm = vm()
+    started = v.vmi_from_vm(the_vm)
+    assert v.observes_template(the_vm, started)
+    the_vm["spec"]["template"]["spec"]["tolerations"] = [{"operator": "Exists"}]
+    assert not v.observes_template(the_vm, started)  # not carried over yet
+    started["spec"]["tolerations"] = [{"operator": "Exists"}]
+    assert v.observes_template(the_vm, started)  # applied live: observed (unlike kubevirt#18700)
+    the_vm["spec"]["template"]["metadata"]["labels"]["new"] = "label"
+    assert not v.observes_template(the_vm, started)
+    the_vm = vm()
+    the_vm["spec"]["template"]["spec"]["domain"]["devices"]["autoattachSerialConsole"] = False
+    assert not v.observes_template(the_vm, v.vmi_from_vm(vm()))
+
+
 def test_datavolume_from_template_is_owned_by_the_vm() -> None:
     the_vm = vm()
     dv = v.datavolume_from_template(the_vm, {"metadata": {"name": "root", "labels": {"a": "b"}},

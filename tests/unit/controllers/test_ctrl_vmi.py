@@ -221,3 +221,17 @@ def test_phase_changes_are_timestamped_once() -> None:
     c.set_phase(status, "Scheduling")
     assert status["phase"] == "Scheduling"
     assert [t["phase"] for t in status["phaseTransitionTimestamps"]] == ["Pending", "Scheduling"]
+
+
+def test_write_tracker_holds_back_decisions_on_the_version_just_replaced() -> None:
+    tracker = c.WriteTracker(timeout=60)
+    key = ("ns", "vm1")
+    old = {"metadata": {"resourceVersion": "5"}}
+    assert not tracker.stale(key, old)
+    tracker.wrote(key, "5")
+    assert tracker.stale(key, old)  # the cache still shows what we overwrote
+    assert not tracker.stale(key, {"metadata": {"resourceVersion": "6"}})  # caught up
+    assert not tracker.stale(key, old)  # and forgotten
+    expired = c.WriteTracker(timeout=0)
+    expired.wrote(key, "5")
+    assert not expired.stale(key, old)
