@@ -106,6 +106,7 @@ async def make_iso(dest: Path, label: str, files: Mapping[str, bytes]) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cidata-", dir=dest.parent) as staging:
         root = Path(staging) / "root"
+        root.mkdir()  # also when there are no files: an empty ISO is valid (an optional, absent ConfigMap)
         for rel, content in files.items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
