@@ -230,8 +230,10 @@ class EtcdStore(interface.Store):
         self._started = True
         try:
             ssl_context = self._ssl_context()
-        except (OSError, ssl.SSLError) as exc:
-            raise interface.StoreError(f"etcd TLS files: {exc}") from exc
+        except (OSError, ssl.SSLError) as exc:  # ssl names neither the file nor which one
+            files = ", ".join(f"{n}={f}" for n, f in (("cacert", self.ca_file), ("cert", self.cert_file),
+                                                       ("key", self.key_file)) if f)
+            raise interface.StoreError(f"etcd TLS files ({files}): {exc}") from exc
         # Two pools: requests share a bounded set of keep-alive connections; every watch holds
         # one connection for its lifetime, so watches get their own pool with no bound (the
         # API server runs hundreds) and can never starve requests of connections.
