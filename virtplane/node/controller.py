@@ -149,6 +149,15 @@ class VMIController:
     async def reconcile(self, key: Key) -> float | None:
         vmi = self.vmis.get(*key)
         rt = self.runtimes.get(key)
+        if vmi is None and rt is not None:
+            # Not in our (label-selected) cache. Before stopping a VM, ask the API: an object that merely lost
+            # its kubevirt.io/nodeName label, or a cache relisting, must never cost a running guest its life.
+            try:
+                fresh = await self.client.get(VMIS, key[1], key[0])
+            except rest.NotFound:
+                fresh = None
+            if fresh is not None and fresh["metadata"].get("uid") == rt.meta.uid:
+                vmi = fresh
         if vmi is None:
             if rt is not None:
                 # The object is gone (force-deleted, or our finalizer was removed elsewhere): nothing may run.
