@@ -17,7 +17,7 @@ from aiohttp import web
 
 import virtplane
 from virtplane.api import builtin, openapi, resources
-from virtplane.apiserver import auth, discovery, errors, handlers, kubevirt, metrics, objects, registry
+from virtplane.apiserver import auth, consoles, discovery, errors, handlers, kubevirt, metrics, objects, registry
 from virtplane.store import interface as store_api
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class APIServer:
         self.watch_tasks: set[asyncio.Task[Any]] = set()  # open watch streams, ended on shutdown
         self.bound_port: int = 0
         kubevirt.register(self)
+        consoles.register(self)
 
     # --------------------------------------------------------------- plug-ins
 
