@@ -42,9 +42,13 @@ USER_DATA = """#cloud-config
 bootcmd:
   - echo "virtplane-e2e user-data ran for $(hostname)" > /dev/console
 """
+POWEROFF = """#cloud-config
+bootcmd:
+  - sync; poweroff -f
+"""
 
 
-def vmi_body(name: str, image: str, grace: int = 20) -> dict[str, Any]:
+def vmi_body(name: str, image: str, grace: int = 20, user_data: str = USER_DATA) -> dict[str, Any]:
     return {
         "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
         "metadata": {"name": name, "namespace": NS},
@@ -61,7 +65,7 @@ def vmi_body(name: str, image: str, grace: int = 20) -> dict[str, Any]:
             },
             "networks": [{"name": "default", "pod": {}}],
             "volumes": [{"name": "containerdisk", "containerDisk": {"image": image}},
-                        {"name": "cloudinitdisk", "cloudInitNoCloud": {"userData": USER_DATA}}],
+                        {"name": "cloudinitdisk", "cloudInitNoCloud": {"userData": user_data}}],
         },
     }  # fmt: skip
 
@@ -284,6 +288,15 @@ async def test_vmi_lifecycle(env: dict[str, Any], admin: rest.Client, component:
 
     await wait_until(unpaused, 10, "Paused condition removed")
 
+    # the same through the API server's subresource, which proxies to this agent (pinned certificate, token)
+    sub = f"/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/vm1"
+    await admin.request("PUT", f"{sub}/pause")
+    await wait_until(paused, 10, "Paused via the API server")
+    await admin.request("PUT", f"{sub}/unpause")
+    await wait_until(unpaused, 10, "unpaused via the API server")
+    info = await admin.request("GET", f"{sub}/guestosinfo")
+    assert info["os"]["id"], info
+
     # metrics
     code, text = await agent_call(env, admin, "GET", "/metrics")
     assert code == 200
@@ -348,6 +361,17 @@ async def test_vmi_lifecycle(env: dict[str, Any], admin: rest.Client, component:
     assert "SIGKILL" in cond(vmi, "Ready")["message"], cond(vmi, "Ready")
     await admin.delete(VMIS, "vm2", NS)
     await wait_until(lambda: _gone(admin, "vm2"), 30, "vm2 gone")
+
+    # a guest that powers itself off: QMP SHUTDOWN → Succeeded, Normal event Stopped
+    await admin.create(VMIS, vmi_body("vm4", env["image"], user_data=POWEROFF), NS)
+    await schedule(admin, component, "vm4")
+    vmi = await wait_until(lambda: _phase_obj(admin, "vm4", "Succeeded"), 120, "vm4 Succeeded")
+    assert cond(vmi, "Ready")["status"] == "False"
+    events = (await admin.list(EVENTS, NS))["items"]
+    assert any(e["reason"] == "Stopped" and e["type"] == "Normal" and e["involvedObject"].get("name") == "vm4"
+               for e in events)  # fmt: skip
+    await admin.delete(VMIS, "vm4", NS)
+    await wait_until(lambda: _gone(admin, "vm4"), 30, "vm4 gone")
 
     # a third: graceful deletion via the ACPI power button within terminationGracePeriodSeconds
     await admin.create(VMIS, vmi_body("vm3", env["image"], grace=60), NS)
