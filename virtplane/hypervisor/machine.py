@@ -493,6 +493,14 @@ class Machine:
             self._watch.send_signal(signal.SIGKILL)
         return await self.wait_exit(timeout)
 
+    async def monitor_command(self, command: str, args: Mapping[str, Any] | None = None,
+                              timeout: float = 30.0) -> Any:  # noqa: ASYNC109  # fmt: skip
+        """Any other QMP command over the Machine's monitor connection (QEMU's QMP socket serves one client):
+        for the console routes' screendump and user-network port forwards. State-changing commands belong in
+        the named actions above, which keep RunState right."""
+        self._guard("query_status")
+        return await self._qmp_exec(command, args, timeout=timeout)
+
     async def query_status(self) -> JSON:
         """QEMU's query-status ({status, running, ...})."""
         self._guard("query_status")
