@@ -533,6 +533,7 @@ class VMIController:
 
         if deleted or phase in FINAL_PHASES:
             requeue = await self._teardown(vmi, new, pods)
+            conditions = list(status.get("conditions") or [])  # teardown may have set Ready
         elif phase in UNPROCESSED_PHASES:
             set_phase(status, "Pending")
             if pod is None:
