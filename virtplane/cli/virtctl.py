@@ -1150,19 +1150,46 @@ async def cmd_create(args: argparse.Namespace, ctx: Context | None) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 
 
-def str2bool(value: str) -> bool:
-    v = value.lower()
-    if v in ("true", "t", "1", "yes"):
-        return True
-    if v in ("false", "f", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
+_TRUE = ("true", "t", "1", "yes")
+_FALSE = ("false", "f", "0", "no")
 
 
 def _bool_flag(p: argparse.ArgumentParser, *names: str, dest: str, default: bool = False, help: str = "") -> None:
-    """`--flag`, `--flag=true|false` (Go's pflag booleans)."""
-    p.add_argument(*names, dest=dest, nargs="?", const=True, default=default, type=str2bool, metavar="BOOL",
-                   help=help)
+    """A Go pflag boolean: `--flag` sets it, `--flag=true|false` too (see `normalize_bool_flags`), and unlike
+    an optional-value argparse flag it never swallows the next word (`scp -r ./dir vm/x:/tmp`)."""
+    action = p.add_argument(*names, dest=dest, action="store_const", const=True, default=default, help=help)
+    action.vp_bool = True  # type: ignore[attr-defined]
+    for name in names:
+        if name.startswith("--"):
+            p.add_argument(f"--no-{name[2:]}", dest=dest, action="store_const", const=False, help=argparse.SUPPRESS)
+
+
+def _bool_flag_names(parser: argparse.ArgumentParser) -> set[str]:
+    names: set[str] = set()
+    for action in parser._actions:
+        if getattr(action, "vp_bool", False):
+            names.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= _bool_flag_names(sub)
+    return names
+
+
+def normalize_bool_flags(argv: Sequence[str], names: set[str]) -> list[str]:
+    """`--flag=true` → `--flag`, `--flag=false` → `--no-flag` for boolean flags; other words unchanged."""
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            out += argv[i:]
+            break
+        name, sep, value = word.partition("=")
+        if sep and name in names:
+            if value.lower() in _TRUE:
+                word = name
+            elif value.lower() in _FALSE:
+                word = f"--no-{name[2:]}"
+        out.append(word)
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1347,10 +1374,8 @@ def _finish_create_args(args: argparse.Namespace) -> None:
     args.cloud_init_set = args.cloud_init is not None
     if args.cloud_init is None:
         args.cloud_init = "nocloud"
-    args.infer_instancetype_set = "--infer-instancetype" in args.raw_argv or any(
-        a.startswith("--infer-instancetype=") for a in args.raw_argv)
-    args.infer_preference_set = "--infer-preference" in args.raw_argv or any(
-        a.startswith("--infer-preference=") for a in args.raw_argv)
+    args.infer_instancetype_set = bool({"--infer-instancetype", "--no-infer-instancetype"} & set(args.raw_argv))
+    args.infer_preference_set = bool({"--infer-preference", "--no-infer-preference"} & set(args.raw_argv))
     if args.access_cred:
         raise CLIError("--access-cred is not supported yet by virtplane's virtctl")
 
@@ -1363,11 +1388,17 @@ async def _run(args: argparse.Namespace) -> int:
     return await args.handler(args, ctx)
 
 
-def main(argv: list[str] | None = None) -> int:
-    raw = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line (exits 2 with usage on bad usage, like any CLI)."""
     parser = build_parser()
+    raw = normalize_bool_flags(argv, _bool_flag_names(parser))
     args = parser.parse_args(raw)
     args.raw_argv = raw
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.verb == "create":
             _finish_create_args(args)
