@@ -547,6 +547,18 @@ def make_disk(work: Path, esp: Path, state_mib: int) -> Path:
     return disk
 
 
+def pin_vmdk_cid(vmdk: Path) -> None:
+    """qemu-img writes a random content id into the embedded descriptor (no checksum
+    covers it); a fixed one makes the file reproducible. (VHDX's random GUIDs sit
+    under CRC32C-protected headers, so that format stays content-equal only.)"""
+    with vmdk.open("r+b") as f:
+        head = f.read(1 << 16)
+        m = re.search(rb"\nCID=([0-9a-f]{8})\n", head)
+        if m:
+            f.seek(m.start(1))
+            f.write(b"7670706e")
+
+
 def make_iso(work: Path, vmlinuz: Path, initrd: Path, esp: Path, dest: Path) -> None:
     """Hybrid ISO: isolinux for BIOS, the ESP image as El Torito EFI boot image."""
     tree = work / "iso"
@@ -672,6 +684,7 @@ def build(rhash: str, versions: dict[str, str]) -> None:
     shutil.copy(initrd, OUT / "initrd.img")
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, OUT / "tiny.qcow2")
     run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", disk, OUT / "tiny.vmdk")
+    pin_vmdk_cid(OUT / "tiny.vmdk")
     # VHDX allocates whole blocks; 1 MiB ones keep the mostly-empty state
     # partition's scattered ext4 metadata from costing 32 MiB blocks each.
     run("qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", disk, OUT / "tiny.vhdx")
