@@ -7,7 +7,16 @@ import contextlib
 from typing import Any, Protocol
 
 from virtplane.client import rest
-from virtplane.controllers import garbage_collector, namespace, scheduler, virtualmachine, vmi
+from virtplane.controllers import (
+    datavolume,
+    garbage_collector,
+    namespace,
+    pvc,
+    scheduler,
+    storage_profiles,
+    virtualmachine,
+    vmi,
+)
 
 
 class Controller(Protocol):
@@ -24,6 +33,9 @@ class ControllerManager:
             virtualmachine.VMController(self.client),
             vmi.VMIController(self.client),
             scheduler.Scheduler(self.client),
+            storage_profiles.StorageProfileController(self.client),
+            pvc.PVCController(self.client),
+            datavolume.DataVolumeController(self.client),
         ]
 
     async def start(self) -> None:

@@ -875,11 +875,11 @@ async def finish_image(result: PipelineResult, target: Path, limit: int, *, prog
             await convert(result.scratch, fmt, target, progress=progress)
         finally:
             result.scratch.unlink(missing_ok=True)
-    await asyncio.to_thread(_grow, target, limit, preallocate)
+    await asyncio.to_thread(grow, target, limit, preallocate)
     return ImportResult(target, virtual, fmt, result.received, result.kind != "scratch")
 
 
-def _grow(target: Path, size: int, preallocate: bool) -> None:
+def grow(target: Path, size: int, preallocate: bool) -> None:
     try:
         if target.stat().st_size < size:
             os.truncate(target, size)

@@ -18,7 +18,10 @@ JSON = dict[str, Any]
 
 LOCAL_PROVISIONER = "virtplane.io/local"
 SHARED_PROVISIONER = "virtplane.io/shared"
-OUR_PROVISIONERS = (LOCAL_PROVISIONER, SHARED_PROVISIONER)
+# Plain host directories with no capability entry on purpose: it stands for any provisioner whose access and
+# volume modes virtplane cannot know (an NFS mount, a SAN), so its StorageProfile must be filled in by hand.
+HOSTPATH_PROVISIONER = "virtplane.io/hostpath"
+OUR_PROVISIONERS = (LOCAL_PROVISIONER, SHARED_PROVISIONER, HOSTPATH_PROVISIONER)
 NO_PROVISIONER = "kubernetes.io/no-provisioner"
 
 RWO, ROX, RWX = "ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany"

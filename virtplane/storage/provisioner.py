@@ -45,6 +45,7 @@ QEMU_IMG = "qemu-img"
 DEFAULT_FILESYSTEM_OVERHEAD = 0.06
 
 VolumeMode = Literal["Filesystem", "Block"]
+PoolKind = Literal["local", "shared", "hostpath"]
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -199,14 +200,14 @@ class StorageRoot:
 
     root: Path
 
-    def pool(self, kind: Literal["local", "shared"], node: str | None) -> Path:
+    def pool(self, kind: PoolKind, node: str | None) -> Path:
         if kind == "local":
             if not node or not _NAME_RE.match(node):
                 raise StorageError(f"a local volume needs a valid node name, not {node!r}")
             return self.root / "local" / node
-        return self.root / "shared"
+        return self.root / kind
 
-    def volume(self, kind: Literal["local", "shared"], node: str | None, name: str, mode: VolumeMode) -> Volume:
+    def volume(self, kind: PoolKind, node: str | None, name: str, mode: VolumeMode) -> Volume:
         if not _NAME_RE.match(name):
             raise StorageError(f"invalid volume name {name!r}")
         return Volume(self.pool(kind, node) / name, mode)
