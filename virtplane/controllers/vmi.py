@@ -236,7 +236,6 @@ def launcher_pod(vmi: JSON) -> JSON:
             "name": "compute",
             "image": LAUNCHER_IMAGE,
             "imagePullPolicy": "IfNotPresent",
-            "command": ["/usr/bin/virt-launcher-monitor", "--name", name, "--namespace", meta.get("namespace", "")],
             "resources": launcher_resources(vmi),
         }],
         # KubeVirt's launchers only land on nodes whose handler declared them able to run VMs.
