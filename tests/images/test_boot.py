@@ -154,7 +154,12 @@ def test_kernel_boot_network_config_v2_static_on_sata_seed(
         assert lines[:2] == ["kernel-vm", "static"]
         assert "default via 10.0.2.2 dev eth0" in lines[2]
         assert "nameserver 10.0.2.3" in lines
-        g.qmp("system_powerdown")
+        # KubeVirt's accessCredentials propagate keys through the guest agent.
+        key2, pub2 = guest.make_ssh_key(tmp_path / "k2")
+        g.qga("guest-ssh-add-authorized-keys", username="root", keys=[pub2])
+        assert g.ssh(key2, "echo via-agent-key").stdout.strip() == "via-agent-key"
+        # The agent's shutdown goes through the /sbin/shutdown shim to an ACPI poweroff.
+        g.qga("guest-shutdown", mode="powerdown")
         assert g.wait_exit(60) == 0
 
 
