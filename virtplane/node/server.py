@@ -25,10 +25,12 @@ import orjson
 from aiohttp import web
 
 from virtplane.client import rest
+from virtplane.console import LocatedVMI, add_console_routes
+from virtplane.hypervisor.devices import netdev_id
 from virtplane.hypervisor.errors import GuestAgentError, HypervisorError, InvalidStateError
 from virtplane.hypervisor.machine import RunState
 
-from . import metrics
+from . import metrics, network
 from . import status as st
 from .controller import VMIController
 from .vmiruntime import VMIRuntime
@@ -105,6 +107,9 @@ class AgentServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
+        # Console, VNC, port-forward and console-log websockets (virtplane.console) first: their paths would
+        # otherwise match the one-segment {action} routes below.
+        add_console_routes(app, self._locate, self._authorize_console)
         base = "/v1/namespaces/{namespace}/virtualmachineinstances/{name}/{action}"
         app.router.add_route("PUT", base, self._put)
         app.router.add_route("GET", base, self._get)
@@ -160,6 +165,33 @@ class AgentServer:
                 rt.meta.uid != vmi["metadata"].get("uid"):  # fmt: skip
             raise StatusError(409, "Conflict", f"VMI {name} is not running")
         return vmi, rt
+
+    async def _authorize_console(self, request: web.Request) -> None:
+        if not await self.token.check(request.headers.get("Authorization")):
+            raise web.HTTPUnauthorized(text="Unauthorized")
+
+    async def _locate(self, namespace: str, name: str) -> LocatedVMI | None:
+        """The console routes' view of a VMI running here (None: not on this node → 404)."""
+        vmi = self.controller.vmis.get(namespace, name)
+        if vmi is None or (vmi.get("status") or {}).get("nodeName") != self.node_name:
+            return None
+        rt = self.controller.runtimes.get((namespace, name))
+        if rt is None or rt.machine is None or not rt.machine.state.alive:
+            raise web.HTTPConflict(text=f"VMI {name} is not running")
+        machine = rt.machine
+
+        async def qmp(command: str, args: Any) -> Any:
+            return await machine.monitor_command(command, args)
+
+        devices = ((vmi.get("spec") or {}).get("domain") or {}).get("devices") or {}
+        # The interim pod network is QEMU's user-mode network: port-forward adds hostfwd rules on its netdev.
+        nets = network.attachments(vmi)
+        user_netdev = next((netdev_id(n) for n, a in nets.items() if a.kind == "user"), None)
+        return LocatedVMI.from_runtime_dir(
+            namespace, name, rt.path, uid=rt.meta.uid, qmp=qmp,
+            serial=devices.get("autoattachSerialConsole") is not False,
+            vnc=devices.get("autoattachGraphicsDevice") is not False, user_netdev=user_netdev,
+        )  # fmt: skip
 
     @staticmethod
     def _no_agent(name: str) -> StatusError:

@@ -296,6 +296,11 @@ async def test_vmi_lifecycle(env: dict[str, Any], admin: rest.Client, component:
     await wait_until(unpaused, 10, "unpaused via the API server")
     info = await admin.request("GET", f"{sub}/guestosinfo")
     assert info["os"]["id"], info
+    # the console routes (virtplane.console) mounted on this agent, reached through the API server
+    async with admin.session.get(f"{sub}/vnc/screenshot") as resp:
+        assert resp.status == 200 and (await resp.read()).startswith(b"\x89PNG"), resp.status
+    async with admin.session.get(f"{sub}/consolelog", params={"tail": "200"}) as resp:
+        assert resp.status == 200 and "virtplane-guest: booted" in await resp.text(), resp.status
 
     # metrics
     code, text = await agent_call(env, admin, "GET", "/metrics")
