@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from virtplane.client import informer, rest
+from virtplane.client.events import EventRecorder
 from virtplane.hypervisor.accel import AccelProbe, probe_kvm
 from virtplane.storage import oci
 
 from . import nodeinfo
 from .controller import PODS, VMIS, VMIController
-from .events import EventRecorder
 from .server import AgentServer, ProxyToken
 from .status import NODE_NAME_LABEL
 from .tls import ensure_serving_cert
@@ -89,7 +89,7 @@ class NodeAgent:
         controller = VMIController(
             client=self.client, node_name=cfg.name, node_ip=cfg.address, data_dir=self.data_dir, probe=self.probe,
             resolver=VolumeResolver(self.client, images, ca_data=self.client_config.ca_data),
-            recorder=EventRecorder(self.client, cfg.name), vmis=vmis, pods=pods,
+            recorder=EventRecorder(self.client, "virt-handler", host=cfg.name), vmis=vmis, pods=pods,
         )  # fmt: skip
         self.controller = controller
         self.server = AgentServer(controller, ProxyToken(self.client), cfg.name)

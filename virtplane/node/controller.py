@@ -22,6 +22,7 @@ from typing import Any
 
 import virtplane
 from virtplane.client import informer, rest
+from virtplane.client.events import EventRecorder
 from virtplane.hypervisor.accel import AccelProbe
 from virtplane.hypervisor.errors import HypervisorError, InvalidSpecError, MissingResourceError, UnsupportedSpecError
 from virtplane.hypervisor.machine import Machine, RunState
@@ -29,7 +30,6 @@ from virtplane.hypervisor.runtime import RuntimeDir
 
 from . import network
 from . import status as st
-from .events import EventRecorder
 from .vmiruntime import RuntimeMeta, VMIRuntime, runtime_dir_name
 from .volumes import VolumeError, VolumeNotReady, VolumeResolver
 
@@ -214,7 +214,7 @@ class VMIController:
         rt.machine = machine
         machine.add_state_listener(self._listener(key))
         self.runtimes[key] = rt
-        await self.recorder.normal(vmi, "Created", "VirtualMachineInstance defined.")
+        await self.recorder.event(vmi, "Normal", "Created", "VirtualMachineInstance defined.")
         paused = (vmi.get("spec") or {}).get("startStrategy") == "Paused"
         try:
             await machine.start(paused=paused)
@@ -241,7 +241,7 @@ class VMIController:
 
         await self._write_vmi(key, mutate)
         if attempt == 1:
-            await self.recorder.warning(vmi, reason, message)
+            await self.recorder.event(vmi, "Warning", reason, message)
         pod = self._launcher_pod(vmi)
         if pod is not None:
             waiting = "ErrImagePull" if attempt == 1 else "ImagePullBackOff"
@@ -282,7 +282,7 @@ class VMIController:
 
         written = await self._write_vmi(key, mutate)
         if written is not None and not was_running:
-            await self.recorder.normal(written, "Started", "VirtualMachineInstance started.")
+            await self.recorder.event(written, "Normal", "Started", "VirtualMachineInstance started.")
         pod = self._launcher_pod(vmi)
         if pod is not None:
             await self._write_pod(pod, lambda old: st.launcher_pod_status(
@@ -370,9 +370,10 @@ class VMIController:
         written = await self._write_vmi(key, mutate)
         if written is not None and not already and (rt is None or rt.meta.reported_final != phase):
             if phase == st.SUCCEEDED:
-                await self.recorder.normal(written, "Stopped", "The VirtualMachineInstance was shut down.")
+                await self.recorder.event(written, "Normal", "Stopped", "The VirtualMachineInstance was shut down.")
             else:
-                await self.recorder.warning(written, "Stopped", f"The VirtualMachineInstance crashed: {reason}")
+                await self.recorder.event(
+                    written, "Warning", "Stopped", f"The VirtualMachineInstance crashed: {reason}")
         if rt is not None:
             rt.meta.reported_final = phase
             if remove:
@@ -404,12 +405,12 @@ class VMIController:
             if rt.deletion_started is None:
                 rt.deletion_started = loop.time()
                 if grace > 0:
-                    await self.recorder.normal(vmi, "ShuttingDown", "Signaled Graceful Shutdown")
+                    await self.recorder.event(vmi, "Normal", "ShuttingDown", "Signaled Graceful Shutdown")
             while machine.state.alive:
                 left = rt.deletion_started + grace - loop.time()
                 if left <= 0 or machine.state == RunState.PAUSED:
                     # A paused guest cannot react to the power button: no point in waiting for it.
-                    await self.recorder.normal(vmi, "Deleted", "Signaled Deletion")
+                    await self.recorder.event(vmi, "Normal", "Deleted", "Signaled Deletion")
                     with contextlib.suppress(HypervisorError, TimeoutError):
                         await machine.kill()
                     break
