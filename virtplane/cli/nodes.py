@@ -45,6 +45,8 @@ class NodeAgentProcess:
                 *self.argv(), stdout=log_file, stderr=log_file, start_new_session=True)
         finally:
             log_file.close()
+        # the pid, for operators and tests that kill an agent as a node failure would
+        (self.data_dir / "agent.pid").write_text(f"{self.proc.pid}\n")
         log.info("node agent started", extra={"node": self.name, "pid": self.proc.pid})
 
     async def _supervise(self) -> None:
