@@ -280,3 +280,25 @@ async def test_websocket_refused_without_token(stack: Stack) -> None:
         async with session.get(url, headers={"Authorization": f"Bearer {stack.token}"}) as resp:
             assert resp.status == 400  # a plain GET: the upgrade is required
             assert "websocket" in (await resp.json())["message"]
+
+
+async def test_migrate_creates_and_migrate_cancel_deletes_a_migration(stack: Stack) -> None:
+    url = f"{stack.api_url}/apis/kubevirt.io/v1/namespaces/{NAMESPACE}/virtualmachineinstancemigrations"
+
+    async def migrations() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {stack.token}"}) as s, s.get(url) as r:
+            return list((await r.json())["items"])
+
+    res = await stack.virtctl("migrate", VMI_NAME, "--dry-run")
+    assert res.returncode == 0 and await migrations() == [], res.stderr
+    res = await stack.virtctl("migrate", VMI_NAME, "--addedNodeSelector", "zone=a,disk=ssd")
+    assert (res.returncode, res.stdout) == (0, f"VM {VMI_NAME} was scheduled to migrate\n"), res.stderr
+    (mig,) = await migrations()
+    assert mig["metadata"]["name"].startswith("kubevirt-migrate-vm-")
+    assert mig["spec"] == {"vmiName": VMI_NAME, "addedNodeSelector": {"zone": "a", "disk": "ssd"}}
+    res = await stack.virtctl("migrate-cancel", VMI_NAME)
+    assert (res.returncode, res.stdout) == (0, f"VM {VMI_NAME} was scheduled to migrate-cancel\n"), res.stderr
+    # Deleted; the migration controller (later) aborts it and drops its finalizer, as in KubeVirt.
+    (cancelled,) = await migrations()
+    assert cancelled["metadata"]["deletionTimestamp"]
+    assert cancelled["metadata"]["finalizers"] == ["kubevirt.io/migrationJobFinalize"]
