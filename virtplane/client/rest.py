@@ -127,7 +127,9 @@ class Client:
             headers = {"User-Agent": self._user_agent, "Accept": "application/json"}
             if self.config.token:
                 headers["Authorization"] = f"Bearer {self.config.token}"
-            conn = aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=64)
+            # No pool limit: every informer holds one long-lived watch connection, and a capped pool
+            # would let watches starve every other request (HTTP/1.1 has no multiplexing).
+            conn = aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=0)
             self._session = aiohttp.ClientSession(self.config.server, headers=headers, connector=conn,
                                                   json_serialize=lambda o: orjson.dumps(o).decode())
         return self._session
