@@ -334,11 +334,13 @@ def _node_signature(node: JSON) -> Any:
 
 class Scheduler:
     def __init__(self, client: rest.Client, *, retry_interval: float = 5.0) -> None:
-        self.client = client
-        self.pods = informer.Informer(client, PODS)
-        self.nodes = informer.Informer(client, NODES)
+        # Our own connection pool: every informer holds a watch connection open, and a pool shared with
+        # watch-heavy neighbours (the garbage collector watches every resource) can run dry and stall writes.
+        self.client = rest.Client(client.config, user_agent="default-scheduler")
+        self.pods = informer.Informer(self.client, PODS)
+        self.nodes = informer.Informer(self.client, NODES)
         self.queue = informer.WorkQueue(self._reconcile, workers=1, name="scheduler")
-        self.recorder = events.EventRecorder(client, SCHEDULER_NAME)
+        self.recorder = events.EventRecorder(self.client, SCHEDULER_NAME)
         self.retry_interval = retry_interval
         self._assumed: dict[informer.Key, tuple[str, JSON]] = {}  # bound by us, not yet seen bound
         self._last_event: dict[informer.Key, tuple[str, float]] = {}
@@ -360,6 +362,7 @@ class Scheduler:
         await self.queue.stop()
         await self.pods.stop()
         await self.nodes.stop()
+        await self.client.close()
 
     # ------------------------------------------------------------- events
 

@@ -450,13 +450,15 @@ def datavolume_from_template(vm: JSON, template: JSON) -> JSON:
 
 class VMController:
     def __init__(self, client: rest.Client) -> None:
-        self.client = client
-        self.vms = informer.Informer(client, VMS)
-        self.vmis = informer.Informer(client, VMIS)
-        self.dvs = informer.Informer(client, DATAVOLUMES)
-        self.pvcs = informer.Informer(client, PVCS)
+        # Our own connection pool: every informer holds a watch connection open, and a pool shared with
+        # watch-heavy neighbours (the garbage collector watches every resource) can run dry and stall writes.
+        self.client = rest.Client(client.config, user_agent="virt-controller-vm")
+        self.vms = informer.Informer(self.client, VMS)
+        self.vmis = informer.Informer(self.client, VMIS)
+        self.dvs = informer.Informer(self.client, DATAVOLUMES)
+        self.pvcs = informer.Informer(self.client, PVCS)
         self.queue = informer.WorkQueue(self._reconcile, workers=4, name="vm")
-        self.recorder = events.EventRecorder(client, COMPONENT)
+        self.recorder = events.EventRecorder(self.client, COMPONENT)
         # KubeVirt's expectations: a VMI we created / deleted that the informer has not reflected yet.
         self._created: dict[informer.Key, tuple[JSON, float]] = {}
         self._deleted: dict[informer.Key, tuple[str, float]] = {}
@@ -475,6 +477,7 @@ class VMController:
         await self.queue.stop()
         for inf in (self.vms, self.vmis, self.dvs, self.pvcs):
             await inf.stop()
+        await self.client.close()
 
     # ------------------------------------------------------------- events
 

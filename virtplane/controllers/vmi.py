@@ -428,14 +428,16 @@ def pod_down(pod: JSON) -> bool:
 
 class VMIController:
     def __init__(self, client: rest.Client) -> None:
-        self.client = client
-        self.vmis = informer.Informer(client, VMIS)
-        self.pods = informer.Informer(client, PODS, label_selector=f"{APP_LABEL}=virt-launcher")
-        self.pvcs = informer.Informer(client, PVCS)
-        self.dvs = informer.Informer(client, DATAVOLUMES)
-        self.leases = informer.Informer(client, LEASES, namespace=NODE_LEASE_NAMESPACE)
+        # Our own connection pool: every informer holds a watch connection open, and a pool shared with
+        # watch-heavy neighbours (the garbage collector watches every resource) can run dry and stall writes.
+        self.client = rest.Client(client.config, user_agent="virt-controller-vmi")
+        self.vmis = informer.Informer(self.client, VMIS)
+        self.pods = informer.Informer(self.client, PODS, label_selector=f"{APP_LABEL}=virt-launcher")
+        self.pvcs = informer.Informer(self.client, PVCS)
+        self.dvs = informer.Informer(self.client, DATAVOLUMES)
+        self.leases = informer.Informer(self.client, LEASES, namespace=NODE_LEASE_NAMESPACE)
         self.queue = informer.WorkQueue(self._reconcile, workers=4, name="vmi")
-        self.recorder = events.EventRecorder(client, COMPONENT)
+        self.recorder = events.EventRecorder(self.client, COMPONENT)
         # Pods we created that the informer has not shown yet: (pod, when) by VMI uid (KubeVirt's expectations).
         self._created: dict[str, tuple[JSON, float]] = {}
         self._writes = WriteTracker()
@@ -454,6 +456,7 @@ class VMIController:
         await self.queue.stop()
         for inf in (self.vmis, self.pods, self.pvcs, self.dvs, self.leases):
             await inf.stop()
+        await self.client.close()
 
     # ------------------------------------------------------------- events
 
