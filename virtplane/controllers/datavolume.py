@@ -98,22 +98,24 @@ def source_kind(source: JSON) -> str:
 class DataVolumeController:
     def __init__(self, client: rest.Client, root: provisioner.StorageRoot | None = None, *,
                  upload_host: str = "127.0.0.1") -> None:
-        self.client = client
+        # Its own connection pool: long-lived watches of every controller would otherwise exhaust the shared
+        # client's (aiohttp's limit), and a request waiting for a free connection never returns.
+        self.client = rest.Client(client.config, user_agent="virtplane-datavolume-controller")
         self.root = root or provisioner.StorageRoot(provisioner.default_root())
-        self.dvs = informer.Informer(client, DATAVOLUMES)
-        self.pvcs = informer.Informer(client, pvcs.PVCS)
-        self.pvs = informer.Informer(client, pvcs.PVS)
-        self.classes = informer.Informer(client, pvcs.STORAGE_CLASSES)
-        self.profiles = informer.Informer(client, STORAGE_PROFILES)
-        self.sources = informer.Informer(client, DATASOURCES)
-        self.configs = informer.Informer(client, pvcs.CDI_CONFIGS)
-        self.pods = informer.Informer(client, pvcs.PODS)
-        self.vmis = informer.Informer(client, pvcs.VMIS)
-        self.nodes = informer.Informer(client, pvcs.NODES)
+        self.dvs = informer.Informer(self.client, DATAVOLUMES)
+        self.pvcs = informer.Informer(self.client, pvcs.PVCS)
+        self.pvs = informer.Informer(self.client, pvcs.PVS)
+        self.classes = informer.Informer(self.client, pvcs.STORAGE_CLASSES)
+        self.profiles = informer.Informer(self.client, STORAGE_PROFILES)
+        self.sources = informer.Informer(self.client, DATASOURCES)
+        self.configs = informer.Informer(self.client, pvcs.CDI_CONFIGS)
+        self.pods = informer.Informer(self.client, pvcs.PODS)
+        self.vmis = informer.Informer(self.client, pvcs.VMIS)
+        self.nodes = informer.Informer(self.client, pvcs.NODES)
         self._informers = [self.dvs, self.pvcs, self.pvs, self.classes, self.profiles, self.sources, self.configs,
                            self.pods, self.vmis, self.nodes]
         self.queue = informer.WorkQueue(self._reconcile, workers=4, name="datavolume")
-        self.recorder = events.EventRecorder(client, COMPONENT)
+        self.recorder = events.EventRecorder(self.client, COMPONENT)
         self.work: dict[str, Work] = {}
         self.images = oci.ImageCache(self.root.root / ".image-cache")
         self.uploads = upload.UploadServer(self._token_key, host=upload_host)
@@ -141,6 +143,7 @@ class DataVolumeController:
         await self.uploads.stop()
         for inf in self._informers:
             await inf.stop()
+        await self.client.close()
 
     # ---- events
 

@@ -227,18 +227,20 @@ def consumers(pods: list[JSON], vmis: list[JSON], namespace: str, claim: str) ->
 
 class PVCController:
     def __init__(self, client: rest.Client, root: provisioner.StorageRoot | None = None) -> None:
-        self.client = client
+        # Its own connection pool: long-lived watches of every controller would otherwise exhaust the shared
+        # client's (aiohttp's limit), and a request waiting for a free connection never returns.
+        self.client = rest.Client(client.config, user_agent="virtplane-provisioner")
         self.root = root or provisioner.StorageRoot(provisioner.default_root())
-        self.pvcs = informer.Informer(client, PVCS)
-        self.pvs = informer.Informer(client, PVS)
-        self.pods = informer.Informer(client, PODS)
-        self.vmis = informer.Informer(client, VMIS)
-        self.nodes = informer.Informer(client, NODES)
-        self.classes = informer.Informer(client, STORAGE_CLASSES)
-        self.cdi_configs = informer.Informer(client, CDI_CONFIGS)
+        self.pvcs = informer.Informer(self.client, PVCS)
+        self.pvs = informer.Informer(self.client, PVS)
+        self.pods = informer.Informer(self.client, PODS)
+        self.vmis = informer.Informer(self.client, VMIS)
+        self.nodes = informer.Informer(self.client, NODES)
+        self.classes = informer.Informer(self.client, STORAGE_CLASSES)
+        self.cdi_configs = informer.Informer(self.client, CDI_CONFIGS)
         self.claim_queue = informer.WorkQueue(self._reconcile_claim, workers=4, name="pvc")
         self.volume_queue = informer.WorkQueue(self._reconcile_volume, workers=2, name="pv")
-        self.recorder = events.EventRecorder(client, COMPONENT)
+        self.recorder = events.EventRecorder(self.client, COMPONENT)
         self._informers = [self.pvcs, self.pvs, self.pods, self.vmis, self.nodes, self.classes, self.cdi_configs]
         self.pvcs.add_handler(self._on_claim)
         self.pvs.add_handler(self._on_pv)
@@ -258,6 +260,7 @@ class PVCController:
         await self.volume_queue.stop()
         for inf in self._informers:
             await inf.stop()
+        await self.client.close()
 
     def _synced(self) -> bool:
         return all(inf.synced.is_set() for inf in self._informers if inf is not self.vmis) and \

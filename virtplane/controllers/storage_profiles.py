@@ -66,11 +66,13 @@ def cdi_config_status(config: JSON, upload_proxy_url: str = "") -> JSON:
 
 class StorageProfileController:
     def __init__(self, client: rest.Client, root: provisioner.StorageRoot | None = None) -> None:
-        self.client = client
-        self.classes = informer.Informer(client, pvcs.STORAGE_CLASSES)
-        self.profiles = informer.Informer(client, STORAGE_PROFILES)
-        self.pvs = informer.Informer(client, pvcs.PVS)
-        self.configs = informer.Informer(client, pvcs.CDI_CONFIGS)
+        # Its own connection pool: long-lived watches of every controller would otherwise exhaust the shared
+        # client's (aiohttp's limit), and a request waiting for a free connection never returns.
+        self.client = rest.Client(client.config, user_agent="virtplane-storageprofile-controller")
+        self.classes = informer.Informer(self.client, pvcs.STORAGE_CLASSES)
+        self.profiles = informer.Informer(self.client, STORAGE_PROFILES)
+        self.pvs = informer.Informer(self.client, pvcs.PVS)
+        self.configs = informer.Informer(self.client, pvcs.CDI_CONFIGS)
         self.queue = informer.WorkQueue(self._reconcile, workers=2, name="storageprofile")
         self.classes.add_handler(lambda k, o, old: self.queue.add(("", o["metadata"]["name"])))
         self.profiles.add_handler(lambda k, o, old: self.queue.add(("", o["metadata"]["name"])))
@@ -87,6 +89,7 @@ class StorageProfileController:
         await self.queue.stop()
         for inf in self._informers:
             await inf.stop()
+        await self.client.close()
 
     async def ensure_defaults(self) -> None:
         """The built-in classes and the CDIConfig, created when absent (idempotent; edits are kept)."""
