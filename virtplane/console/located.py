@@ -15,7 +15,7 @@ from typing import Any
 # Runs one QMP command on the VMI's QEMU and returns its "return" value (raises on error). QEMU's monitor
 # socket takes a single client and the node agent's `Machine` holds that connection for its whole life, so
 # the routes borrow it through this callable instead of opening their own (a second client would sit in
-# the listen backlog unserved). The hypervisor's `Machine` has the method this needs (today `_qmp_exec`).
+# the listen backlog unserved). The hypervisor's `Machine.monitor_command` is exactly this.
 QMPExecutor = Callable[[str, Mapping[str, Any] | None], Awaitable[Any]]
 
 # Opens a TCP connection to a guest port: the networking work plugs the pod-network path in here.

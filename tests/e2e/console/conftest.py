@@ -111,12 +111,15 @@ def self_signed(workdir: Path) -> tuple[ssl.SSLContext, str]:
 
 
 def prepare_files(work: Path) -> tuple[Path, str, Path]:
-    """An SSH key pair and a qcow2 overlay on the shared tiny image (the image itself stays pristine)."""
+    """An SSH key pair and a qcow2 overlay on a private copy of the tiny image (a concurrent `make images`
+    must not change the backing file under the running guest)."""
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "virtplane-e2e", "-f", str(key)], check=True)
+    base = work / "tiny.qcow2"
+    shutil.copyfile(IMAGES / "tiny.qcow2", base)
     root = work / "root.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(IMAGES / "tiny.qcow2"), "-F", "qcow2",
-                    str(root)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(root)],
+                   check=True)
     return key, (work / "id_ed25519.pub").read_text().strip(), root
 
 
@@ -189,7 +192,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             raise web.HTTPUnauthorized(text="invalid proxy token")
 
     async def qmp(command: str, arguments: Any) -> Any:
-        return await machine._qmp_exec(command, arguments)  # the Machine's monitor connection (see located.py)
+        return await machine.monitor_command(command, arguments)  # the Machine's monitor connection
 
     async def locate(namespace: str, name: str) -> LocatedVMI | None:
         if (namespace, name) != (NAMESPACE, VMI_NAME) or not machine.state.alive:
