@@ -88,10 +88,12 @@ def run(*cmd: str | Path, cwd: Path | None = None, env: dict[str, str] | None = 
         capture: bool = False) -> str:
     full_env = {**os.environ, "LC_ALL": "C", "SOURCE_DATE_EPOCH": str(EPOCH), "MTOOLS_SKIP_CHECK": "1"}
     full_env.update(env or {})
-    res = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, check=False,
-                         stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE, text=True)
+    # Output is kept for the error message only: `make setup` stays quiet.
+    res = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, check=False, capture_output=True,
+                         text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stderr}")
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr}")
     return res.stdout if capture else ""
 
 
@@ -259,13 +261,15 @@ def build_oot_modules(inputs: Inputs) -> dict[str, Path]:
     except RuntimeError:
         src_deb = apt_download(f"linux-source-{series}")
     inputs.debs[deb_field(src_deb, "Package")] = deb_field(src_deb, "Version")
-    src_root = unpack(src_deb, CACHE / f"source-{series}")
-    tarball = next((src_root / "usr/src").glob(f"linux-source-{series}.tar.*"))
     srcdir = CACHE / f"source-{series}-tree"
     members = [f"linux-source-{series}/{f}" for m in OOT_MODULES.values() for f in m["files"]]
     if not all((srcdir / m).exists() for m in members):
+        # Only a few files of the 140 MB tarball are needed: keep those, drop the rest.
+        src_root = unpack(src_deb, CACHE / f"source-{series}")
+        tarball = next((src_root / "usr/src").glob(f"linux-source-{series}.tar.*"))
         srcdir.mkdir(parents=True, exist_ok=True)
         run("tar", "-xf", tarball, "-C", srcdir, *[m.rstrip("/") for m in members])
+        shutil.rmtree(src_root)
 
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
