@@ -64,7 +64,7 @@ async def test_watch_gives_up_after_reconnect_timeout(private_etcd: EtcdCluster)
             async with asyncio.timeout(10):
                 await anext(aiter(watch))
         assert isinstance(info.value.__cause__, interface.StoreError | aiohttp.ClientError)
-        assert not s._watches
+        assert not s._feeds
     finally:
         await s.close()
 

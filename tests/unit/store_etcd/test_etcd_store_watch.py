@@ -193,7 +193,7 @@ async def test_compaction_by_another_server_ends_the_watch_on_first_iteration(ma
     assert b.compact_revision == base + 8
     with pytest.raises(interface.CompactedError):  # and it stays ended
         await take(watch, 1)
-    assert not b._watches
+    assert not b._feeds
     await watch.close()
 
 
@@ -223,7 +223,8 @@ async def test_overflow_ends_the_watch(make_store: MakeStore) -> None:
     with pytest.raises(interface.WatchClosedError, match="behind"):
         await take(slow, 1)
     assert [e.revision - base for e in fast_events] == list(range(1, 26))
-    assert s._watches == {fast}  # the overflowed watch is gone
+    # Opened together, they shared one stream; the overflowed watch left it, fast goes on.
+    assert [feed.watches for feed in s._feeds['/a/']] == [{fast}]
     await slow.close()  # closing an ended watch is fine
     await fast.close()
 
@@ -255,6 +256,7 @@ async def test_close_is_idempotent_and_ends_iteration(store: etcd.EtcdStore, bas
         return [event async for event in watch]
 
     consumer = asyncio.create_task(consume())
+    feed = watch._feed  # type: ignore[attr-defined]
     await store.create("/a/x", b"v")
     async with asyncio.timeout(5):
         while not consumer.done() and not watch._received > base:  # type: ignore[attr-defined]  # noqa: ASYNC110
@@ -266,8 +268,8 @@ async def test_close_is_idempotent_and_ends_iteration(store: etcd.EtcdStore, bas
         events = await consumer  # a consumer blocked in the iteration returns normally
     assert [e.revision for e in events] == [base + 1]
     assert [e async for e in watch] == []
-    assert not store._watches
-    assert watch._task.done()  # type: ignore[attr-defined]  # its stream is closed
+    assert not store._feeds
+    assert feed.task.done()  # its stream is closed by the time close() returns
 
 
 async def test_closing_the_store_ends_watches(make_store: MakeStore) -> None:
@@ -276,6 +278,7 @@ async def test_closing_the_store_ends_watches(make_store: MakeStore) -> None:
     waiting = s.watch("/a/", after_revision=base)
     idle = s.watch("/b/", after_revision=base)
     consumer = asyncio.create_task(take(waiting, 1))
+    feeds = [w._feed for w in (waiting, idle)]  # type: ignore[attr-defined]
     await asyncio.sleep(0.05)
     await s.close()
     with pytest.raises(interface.WatchClosedError, match="closed"):
@@ -283,7 +286,7 @@ async def test_closing_the_store_ends_watches(make_store: MakeStore) -> None:
     with pytest.raises(interface.WatchClosedError):
         await take(idle, 1)
     await idle.close()
-    assert all(w._task.done() for w in (waiting, idle))  # type: ignore[attr-defined]
+    assert all(feed.task.done() for feed in feeds) and not s._feeds
 
 
 async def test_hundred_watchers_see_a_write_promptly(store: etcd.EtcdStore, base: int) -> None:
@@ -296,10 +299,12 @@ async def test_hundred_watchers_see_a_write_promptly(store: etcd.EtcdStore, base
             return
 
     tasks = [asyncio.create_task(one(w)) for w in watches]
+    # Opened together from one revision: one etcd stream for all of them.
+    assert len(store._feeds["/pods/"]) == 1
+    feed = store._feeds["/pods/"][0]
     async with asyncio.timeout(10):
-        while not all(w._history_end >= base for w in watches):  # type: ignore[attr-defined]  # noqa: ASYNC110
+        while not feed.live:  # noqa: ASYNC110 (etcd has created the stream)
             await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # every stream is created
     start = time.perf_counter()
     await store.create("/pods/p", b"v")
     async with asyncio.timeout(5):
@@ -336,3 +341,45 @@ async def test_a_watch_in_another_store_sees_this_stores_writes(make_store: Make
     updated = await a.update("/vms/default/x", b"spec2", expected_revision=kv.mod_revision)
     assert await take(watch, 2) == [interface.WatchEvent(PUT, kv), interface.WatchEvent(PUT, updated, kv)]
     await watch.close()
+
+
+async def test_watches_share_streams(store: etcd.EtcdStore, base: int) -> None:
+    """Watches that need the same events share one etcd stream: one connection, one decode."""
+    first = store.watch("/a/", after_revision=base)
+    await store.create("/a/0", b"v")
+    assert [e.revision for e in await take(first, 1)] == [base + 1]
+    feed = store._feeds["/a/"][0]
+    assert feed.live and feed.position == base + 1
+    # Writes elsewhere move the revision on; a watch from a later revision joins the live stream.
+    await store.create("/b/0", b"v")
+    joined = store.watch("/a/", after_revision=base + 2)
+    assert store._feeds["/a/"] == [feed] and joined._feed is feed  # type: ignore[attr-defined]
+    # A write the stream has not delivered yet when a watch joins after it: not the joiner's.
+    early = await store.create("/a/1", b"v")
+    late_joiner = store.watch("/a/", after_revision=early.mod_revision)
+    assert late_joiner._feed is feed  # type: ignore[attr-defined]
+    last = await store.create("/a/2", b"v")
+    assert [e.kv for e in await take(first, 2)] == [early, last]
+    assert [e.kv for e in await take(joined, 2)] == [early, last]
+    assert [e.kv for e in await take(late_joiner, 1)] == [last]
+    await assert_quiet(late_joiner)
+
+    # A watch from further back replays on a stream of its own, then merges into the shared one.
+    replaying = store.watch("/a/", after_revision=base)
+    assert len(store._feeds["/a/"]) == 2
+    assert [e.revision - base for e in await take(replaying, 3)] == [1, 3, 4]
+    async with asyncio.timeout(5):
+        while len(store._feeds["/a/"]) > 1:  # noqa: ASYNC110 (merged once caught up)
+            await asyncio.sleep(0.01)
+    assert replaying._feed is feed  # type: ignore[attr-defined]
+    kv = await store.create("/a/3", b"v")
+    for w in (first, joined, late_joiner, replaying):
+        assert [e.kv for e in await take(w, 1)] == [kv]
+        await assert_quiet(w)
+
+    # The last watch to leave closes the stream.
+    for w in (first, joined, late_joiner):
+        await w.close()
+    assert store._feeds["/a/"] == [feed] and not feed.closed
+    await replaying.close()
+    assert feed.closed and feed.task.done() and not store._feeds
