@@ -576,8 +576,7 @@ class _UDPForward(asyncio.DatagramProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport for a datagram endpoint
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         queue = self.flows.get(addr)
