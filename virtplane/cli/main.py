@@ -159,6 +159,24 @@ async def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task's stack (what Go's SIGQUIT gives), to see what a component waits on."""
+    for task in asyncio.all_tasks():
+        frames = []
+        coro: Any = task.get_coro()
+        while coro is not None:  # follow the await chain: Task.print_stack shows only the outermost frame
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        log.warning("task %s", task.get_name(), extra={"stack": frames})
+
+
+async def _with_diagnostics(coro: Any) -> int:
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
+    return int(await coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="virtplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"virtplane {virtplane.__version__}")
@@ -177,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         if args.command == "up":
-            return asyncio.run(run_apiserver(args, with_controllers=True))
+            return asyncio.run(_with_diagnostics(run_apiserver(args, with_controllers=True)))
         if args.command == "apiserver":
-            return asyncio.run(run_apiserver(args, with_controllers=False))
+            return asyncio.run(_with_diagnostics(run_apiserver(args, with_controllers=False)))
         if args.command == "controller":
-            return asyncio.run(run_controller(args))
+            return asyncio.run(_with_diagnostics(run_controller(args)))
         if args.command == "node":
-            return asyncio.run(run_node(args))
+            return asyncio.run(_with_diagnostics(run_node(args)))
     except KeyboardInterrupt:
         return 130
     except (StoreError, OSError) as exc:

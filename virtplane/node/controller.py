@@ -414,7 +414,10 @@ class VMIController:
                     with contextlib.suppress(HypervisorError, TimeoutError):
                         await machine.kill()
                     break
-                if machine.state == RunState.RUNNING and loop.time() - rt.last_powerdown >= POWERDOWN_RESEND:
+                # Pressing the button once moves the machine to SHUTTING_DOWN; a guest still booting misses
+                # that press, so keep pressing while it runs (KubeVirt re-sends too).
+                if (machine.state in (RunState.RUNNING, RunState.SHUTTING_DOWN)
+                        and loop.time() - rt.last_powerdown >= POWERDOWN_RESEND):
                     rt.last_powerdown = loop.time()
                     with contextlib.suppress(HypervisorError):
                         await machine.powerdown()
