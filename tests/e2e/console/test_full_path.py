@@ -143,6 +143,13 @@ def test_virtctl_full_path(stack: dict[str, Any], tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert png_size(shot.read_bytes()) == (720, 400)  # the VGA text mode the tiny guest leaves the screen in
 
+    def guest_info() -> dict[str, Any] | None:  # the guest agent connects a little after boot
+        res = virtctl(c, "guestosinfo", NAME)
+        return json.loads(res.stdout) if res.returncode == 0 else None
+
+    info = wait_for(guest_info, "guestosinfo from the guest agent", timeout=90, cluster=c)
+    assert "6." in json.dumps(info)  # the guest's kernel release is in there
+
     res = virtctl(c, "pause", "vm", NAME)
     assert (res.returncode, res.stdout) == (0, f"VMI {NAME} was scheduled to pause\n"), res.stderr
     wait_for(lambda: (p := vmi_condition(c, "Paused")) and p.get("status") == "True", "Paused condition", cluster=c)
