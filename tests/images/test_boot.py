@@ -74,7 +74,7 @@ def test_bios_disk_cloud_config_ssh_agent_hotplug_reboot_shutdown(
 
         # Reboot keeps the instance state (state partition): runcmd must not run again.
         m = g.mark()
-        g.ssh(key, "reboot", check=False)
+        g.ssh(key, "reboot", check=False, retry=False)
         g.wait_for(BOOTED, 60, since=m)
         g.wait_for(r"per-instance steps already done for iid-bios-1", 60, since=m)
         g.wait_for(r"virtplane-guest: ready$", 60, since=m)
@@ -101,7 +101,7 @@ echo "virtplane-guest: user-script-ran $(hostname)" > /dev/console
         g.wait_for(r"cloud-init datasource nocloud")
         g.wait_for(r"user-script-ran uefi-vm", 60)
         assert "uefi-vm" in g.ssh(key, "hostname; ls /sys/firmware/efi").stdout
-        g.ssh(key, "poweroff", check=False)
+        g.ssh(key, "poweroff", check=False, retry=False)
         assert g.wait_exit(60) == 0
 
 

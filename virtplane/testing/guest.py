@@ -339,9 +339,10 @@ class Guest:
 
     # -- ssh
     def ssh(self, key: Path, command: str, user: str = "root", timeout: float = 30.0,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+            check: bool = True, retry: bool = True) -> subprocess.CompletedProcess[str]:
         """Runs command over SSH (user-net host forward). Retries connection failures
-        (exit 255) until timeout, since the guest may still be starting dropbear."""
+        (exit 255) until timeout, since the guest may still be starting dropbear; pass
+        retry=False for commands that must not run twice (reboot, poweroff)."""
         if self.ssh_port is None:
             raise RuntimeError("guest was started without ssh=True")
         argv = ["ssh", "-q", "-i", str(key), "-p", str(self.ssh_port),
@@ -352,7 +353,7 @@ class Guest:
         while True:
             res = subprocess.run(argv, capture_output=True, text=True,
                                  timeout=max(1.0, deadline - time.monotonic()) + 10, check=False)
-            if res.returncode != 255 or time.monotonic() > deadline:
+            if res.returncode != 255 or not retry or time.monotonic() > deadline:
                 break
             time.sleep(0.5)  # nothing to wait on: the port is forwarded by QEMU itself
         if check and res.returncode != 0:
