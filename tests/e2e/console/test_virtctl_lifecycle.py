@@ -1,12 +1,14 @@
 """virtctl's API verbs against a real `virtplane up` (the session cluster): the desired-state round trips
-start/stop/restart, VMIMs for migrate, Services for expose, `create vm | kubectl create -f -`, and one-line
-errors. No node agent is involved (VM/VMI controllers and the node agent act on what these verbs write)."""
+start/stop/restart, Services for expose, `create vm | kubectl create -f -`, and one-line errors. The
+cluster's controllers and node agent act on what these verbs write; what is checked here is the verbs'
+side (the full run of a guest is test_full_path.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -28,6 +30,10 @@ def get(cluster: Cluster, kind: str, name: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl("get", kind, name, "-n", NS, "-o", "json").stdout)
 
 
+def _exists(cluster: Cluster, kind: str, name: str) -> bool:
+    return cluster.kubectl("get", kind, name, "-n", NS, check=False).returncode == 0
+
+
 def test_create_vm_output_is_accepted_by_kubectl(cluster: Cluster) -> None:
     out = virtctl(cluster, "create", "vm", "--name", "lc-created", "--run-strategy", "Halted",
                   "--volume-containerdisk", "src:quay.io/containerdisks/fedora:41")
@@ -41,7 +47,8 @@ def test_create_vm_output_is_accepted_by_kubectl(cluster: Cluster) -> None:
 
 
 def test_start_stop_restart_round_trip(cluster: Cluster) -> None:
-    out = virtctl(cluster, "create", "vm", "--name", "lc-vm", "--run-strategy", "Halted")
+    out = virtctl(cluster, "create", "vm", "--name", "lc-vm", "--run-strategy", "Halted",
+                  "--termination-grace-period", "0")
     cluster.kubectl("create", "-f", "-", "-n", NS, input=out.stdout)
     res = virtctl(cluster, "start", "lc-vm", "--dry-run")
     assert res.returncode == 0 and get(cluster, "vm", "lc-vm")["spec"]["runStrategy"] == "Halted"
@@ -51,6 +58,10 @@ def test_start_stop_restart_round_trip(cluster: Cluster) -> None:
     res = virtctl(cluster, "stop", "lc-vm")
     assert (res.returncode, res.stdout) == (0, "VM lc-vm was scheduled to stop\n"), res.stderr
     assert get(cluster, "vm", "lc-vm")["spec"]["runStrategy"] == "Halted"
+    deadline = time.monotonic() + 90  # the controllers may have started it meanwhile: wait until it is gone
+    while _exists(cluster, "vmi", "lc-vm"):
+        assert time.monotonic() < deadline, "the VMI of a stopped VM did not go away"
+        time.sleep(0.5)
     for args, message in [
         (("stop", "lc-vm"), "Error: VM is not running"),
         (("restart", "lc-vm"), "Error: RunStategy Halted does not support manual restart requests"),
