@@ -282,7 +282,11 @@ class ConsoleRoutes:
                 await resp.write(chunk)
             if loop.time() >= relocate_at:
                 relocate_at = loop.time() + LOG_RELOCATE_EVERY
-                if await self.locate(vmi.namespace, vmi.name) is None:
+                try:
+                    still_here = await self.locate(vmi.namespace, vmi.name) is not None
+                except web.HTTPException:  # e.g. 409: it stopped running
+                    still_here = False
+                if not still_here:
                     break  # the VMI is gone from this node: end the stream
         await resp.write_eof()
         return resp
