@@ -141,7 +141,9 @@ async def build_nocloud(
     if data.network_data is not None:
         files["network-config"] = data.network_data
     path = await make_iso(dest, NOCLOUD_LABEL, files)
-    return ResolvedVolume(path=path, format="raw", readonly=True)
+    # A per-VMI copy: attached writable as KubeVirt does, so it works on every bus (QEMU's ide-hd behind
+    # `bus: sata` refuses read-only drives); an ISO 9660 filesystem is read-only to the guest anyway.
+    return ResolvedVolume(path=path, format="raw", readonly=False)
 
 
 async def build_configdrive(
@@ -159,7 +161,7 @@ async def build_configdrive(
     if data.network_data is not None:
         files[f"{base}/network_data.json"] = data.network_data
     path = await make_iso(dest, CONFIGDRIVE_LABEL, files)
-    return ResolvedVolume(path=path, format="raw", readonly=True)
+    return ResolvedVolume(path=path, format="raw", readonly=False)  # a per-VMI copy, as build_nocloud
 
 
 async def build_for_volume(

@@ -295,7 +295,7 @@ class VolumeResolver:
             await make_iso(dest, label or CONFIG_ISO_LABEL, files)
         except HypervisorError as err:
             raise VolumeError(f"cannot build {dest.name}: {err}") from err
-        return ResolvedVolume(dest, "raw", readonly=True)
+        return ResolvedVolume(dest, "raw", readonly=False)  # a per-VMI copy, writable on every bus like cloud-init
 
     @staticmethod
     def _project(data: Mapping[str, bytes], items: list[Mapping[str, Any]] | None) -> dict[str, bytes]:

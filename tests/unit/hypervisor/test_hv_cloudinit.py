@@ -34,7 +34,7 @@ async def test_nocloud(tmp_path: Path) -> None:
     data = CloudInitData(user_data=b"#cloud-config\npassword: x\n", network_data=b"version: 2\n")
     vol = await build_nocloud(tmp_path / "cidata.iso", data, instance_id="testvm.default", hostname="testvm",
                               public_keys=["ssh-ed25519 AAAA test"])  # fmt: skip
-    assert vol.readonly and vol.format == "raw"
+    assert not vol.readonly and vol.format == "raw"
     assert iso_label(vol.path) == "cidata"
     files = iso_files(vol.path, tmp_path / "x")
     assert files["user-data"] == b"#cloud-config\npassword: x\n"

@@ -91,7 +91,7 @@ async def test_container_disk_overlay_cloudinit_secret_emptydisk(tmp_path: Path)
     assert f"backing file: {tmp_path / 'base.qcow2'}" in qemu_info(root.path)  # the cache is only read
     assert "containerDiskVolume" in out.status_extra["root"]
     ci = out.volumes["ci"]
-    assert ci.readonly and iso_label(ci.path) == "cidata"
+    assert not ci.readonly and iso_label(ci.path) == "cidata"
     scratch = out.volumes["scratch"]
     assert "virtual size: 64 MiB" in qemu_info(scratch.path)
     assert out.status_extra["scratch"]["size"] == 64 << 20
@@ -157,7 +157,7 @@ async def test_config_isos(tmp_path: Path) -> None:
     out = await resolver(tmp_path, objects).resolve(spec, tmp_path / "d")
     assert iso_label(out.volumes["cfg"].path) == "OEMDRV"
     for name in ("sec", "sa", "down", "opt"):
-        assert iso_label(out.volumes[name].path) == "cfgdata" and out.volumes[name].readonly
+        assert iso_label(out.volumes[name].path) == "cfgdata" and not out.volumes[name].readonly
     listing = iso_listing(out.volumes["sa"].path)
     assert "'ca.crt'" in listing and "'namespace'" in listing and "'token'" in listing
     with pytest.raises(vol.VolumeNotReady):
