@@ -328,18 +328,26 @@ class EtcdStore(interface.Store):
         Raises StoreError; etcd's own errors are chained as EtcdError. `deadline`: seconds
         for this request instead of request_timeout.
         """
-        session, _ = self._sessions()
+        self._sessions()
         payload = json.dumps(body, separators=(",", ":")).encode()
         client_timeout = aiohttp.ClientTimeout(total=deadline or self.request_timeout,
                                                sock_connect=self.connect_timeout)
         failures: builtins.list[str] = []
         last: BaseException | None = None
         for index, endpoint in self._endpoint_order():
+            session, _ = self._sessions()  # closed meanwhile: say so, not "session is closed"
             try:
                 async with session.post(endpoint + path, data=payload, timeout=client_timeout,
                                         headers={"Content-Type": "application/json"}) as resp:
                     status = resp.status
                     raw = await resp.read()
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if self._closed and task is not None and not task.cancelling():
+                    # Closing the session cancels requests waiting for a connection: to the
+                    # caller that is the store closing under it, not its own cancellation.
+                    raise interface.StoreError("the store is closed") from exc
+                raise
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never reached the endpoint: nothing was applied, the next one may take it.
                 failures.append(f"{endpoint}: {exc}")
@@ -910,7 +918,8 @@ def _session(ssl_context: ssl.SSLContext | None, limit: int) -> aiohttp.ClientSe
     )
     # A 1 MiB value is ~1.4 MB of base64 in a response; the default 64 KiB read buffer works
     # but a larger one takes fewer wakeups per large read.
-    return aiohttp.ClientSession(connector=connector, read_bufsize=1 << 18)
+    # etcd sets no cookies; a jar would only cost a lookup per response.
+    return aiohttp.ClientSession(connector=connector, read_bufsize=1 << 18, cookie_jar=aiohttp.DummyCookieJar())
 
 
 def _keepalive_socket(addr_info: Any) -> socket.socket:

@@ -379,3 +379,16 @@ def test_open_store_url_forms() -> None:
 def test_open_store_rejects(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         virtplane.store.open_store(url)
+
+
+async def test_close_under_load_gives_store_errors(make_store: MakeStore) -> None:
+    s = await make_store()
+    await s.create("/a/x", b"v")
+    calls = [asyncio.create_task(s.get("/a/x")) for _ in range(50)]
+    calls += [asyncio.create_task(s.create(f"/a/{i}", b"v")) for i in range(50)]
+    await asyncio.sleep(0.005)
+    await s.close()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    # Done before the close, or a StoreError: never aiohttp's "Session is closed".
+    assert all(isinstance(o, interface.KeyValue | interface.StoreError) for o in outcomes), [
+        repr(o) for o in outcomes if not isinstance(o, interface.KeyValue | interface.StoreError)]
