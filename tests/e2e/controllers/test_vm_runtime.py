@@ -340,3 +340,22 @@ def test_a_vmi_that_fails_before_running_backs_off(cluster: Cluster) -> None:
     assert get(c, "vmi", "vm-crash") is None  # removed; the next one waits for retryAfterTimestamp
     again = wait_for(lambda: (v := get(c, "vmi", "vm-crash")) and v, "the next attempt", timeout=25, cluster=c)
     assert again["metadata"]["uid"] != vmi["metadata"]["uid"]
+
+
+def test_a_vmi_deleted_before_it_was_scheduled_goes_at_once(cluster: Cluster) -> None:
+    """Never handed to a node agent: the VMI controller deletes the pending pod and drops its finalizer."""
+    c = cluster
+    register_node(c, "tiny", memory="512Mi")
+    c.kubectl("apply", "-f", "-", input=vm_manifest("vm-pending", memory="1Gi"))
+    vmi = wait_for(lambda: (v := get(c, "vmi", "vm-pending")) and condition(v, "PodScheduled") and v,
+                   "unschedulable", cluster=c)
+    assert len(launcher_pods(c, vmi["metadata"]["uid"])) == 1
+    c.kubectl("delete", "vmi", "vm-pending", "--timeout=20s")  # a user deletes it; the VM makes a new one
+    # (after KubeVirt's start backoff: a VMI that ended without running counts as a failed start)
+    wait_for(lambda: (v := get(c, "vmi", "vm-pending")) and v["metadata"]["uid"] != vmi["metadata"]["uid"],
+             "the replacement VMI", timeout=30, cluster=c)
+    assert launcher_pods(c, vmi["metadata"]["uid"]) == []
+    text = events_text(c)
+    assert "Deleted virtual machine pod virt-launcher-vm-pending-" in text
+    c.kubectl("delete", "vm", "vm-pending", "--timeout=20s")  # Terminating -> the VMI goes -> the VM goes
+    assert get(c, "vm", "vm-pending") is None and get(c, "vmi", "vm-pending") is None
