@@ -267,7 +267,35 @@ class APIServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics.gauges["virtplane_store_revision"] = await self.store.current_revision()
-        return web.Response(text=self.metrics.render(), content_type="text/plain")
+        return web.Response(text=self.metrics.render() + await self._vmi_metrics(), content_type="text/plain")
+
+    async def _vmi_metrics(self) -> str:
+        """kubevirt_vmi_phase_count, the cluster-level VMI gauge virt-controller exports, from the store."""
+        res = self.registry.lookup("kubevirt.io", "v1", "virtualmachineinstances")
+        if res is None:
+            return ""
+        counts: dict[tuple[str, ...], int] = {}
+        for st in (await self.objects.list(res, None)).items:
+            obj = st.obj
+            ann = obj["metadata"].get("annotations") or {}
+            spec = obj.get("spec") or {}
+            key = (
+                (obj.get("status") or {}).get("nodeName") or "",
+                str((obj.get("status") or {}).get("phase") or "pending").lower(),
+                ann.get("vm.kubevirt.io/os", "<none>"),
+                ann.get("vm.kubevirt.io/workload", "<none>"),
+                ann.get("vm.kubevirt.io/flavor", "<none>"),
+                ann.get("kubevirt.io/instancetype-name", "<none>") if spec else "<none>",
+                ann.get("kubevirt.io/preference-name", "<none>"),
+            )
+            counts[key] = counts.get(key, 0) + 1
+        lines = ["# HELP kubevirt_vmi_phase_count Sum of VMIs per phase and node.",
+                 "# TYPE kubevirt_vmi_phase_count gauge"]
+        names = ("node", "phase", "os", "workload", "flavor", "instance_type", "preference")
+        for key, n in sorted(counts.items()):
+            labels = ",".join(f'{k}="{v}"' for k, v in zip(names, key, strict=True))
+            lines.append(f"kubevirt_vmi_phase_count{{{labels}}} {n}")
+        return "\n".join(lines) + "\n"
 
     def _advertise(self, request: web.Request) -> str:
         return self.config.advertise_address or request.host

@@ -127,6 +127,8 @@ def test_vm_runs_boots_and_applies_cloud_init(cluster: Cluster, image: str) -> N
     assert re.match(r"\d+\.\d+\.\d+\.\d+", row[3]), row
     pods = cluster.kubectl("get", "pods", "-l", "kubevirt.io=virt-launcher", "-o", "name").stdout
     assert "virt-launcher-life-" in pods
+    metrics = cluster.get_raw("/metrics").decode()
+    assert re.search(r'kubevirt_vmi_phase_count\{node="virtplane-node-\d+",phase="running"[^}]*\} [1-9]', metrics)
 
 
 def test_pause_stops_the_guest_and_unpause_resumes_it(cluster: Cluster, image: str) -> None:
