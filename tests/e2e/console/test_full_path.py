@@ -1,6 +1,7 @@
 """virtctl over the full stack: `virtplane up` (API server, VM/VMI controllers, scheduler), a real node agent
 (`virtplane node`, which mounts the console routes), a registry with the tiny containerDisk and QEMU (TCG).
-Nothing is faked: `virtctl start` → console login → ssh → port-forward → VNC screenshot → pause → stop."""
+Nothing is faked: `virtctl start` → console login → ssh → port-forward → VNC screenshot → guestosinfo →
+pause → reset → stop."""
 
 from __future__ import annotations
 
@@ -156,6 +157,15 @@ def test_virtctl_full_path(stack: dict[str, Any], tmp_path: Path) -> None:
     res = virtctl(c, "unpause", "vm", NAME)
     assert res.returncode == 0, res.stderr
     wait_for(lambda: not (p := vmi_condition(c, "Paused")) or p.get("status") != "True", "unpaused", cluster=c)
+
+    def boots() -> int:
+        log = virtctl(c, "console", NAME, "--log")
+        return log.stdout.count("virtplane-guest: booted") if log.returncode == 0 else -1
+
+    before = boots()
+    res = virtctl(c, "reset", NAME)
+    assert (res.returncode, res.stdout) == (0, f"VMI {NAME} was scheduled to reset\n"), res.stderr
+    wait_for(lambda: boots() > before, "the guest booting again after reset", timeout=BOOT, cluster=c)
 
     res = virtctl(c, "stop", NAME)
     assert (res.returncode, res.stdout) == (0, f"VM {NAME} was scheduled to stop\n"), res.stderr
