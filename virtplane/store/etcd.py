@@ -184,7 +184,8 @@ class EtcdStore(interface.Store):
             backend; None for both leaves compaction to `compact()` (or to etcd's own
             ``--auto-compaction-retention``).
         watch_buffer: events a watch may fall behind live writes before it ends with
-            WatchClosedError (the consumer re-lists); a replay of history never overflows.
+            WatchClosedError (the consumer re-lists); history replayed on a stream of its
+            own never overflows (see `_Feed`).
         request_timeout / connect_timeout: per request, seconds.
         reconnect_timeout: how long a broken watch keeps trying to reconnect before it ends
             with WatchClosedError.
