@@ -418,7 +418,31 @@ def _mutate_pod(req: Request) -> None:
     spec.setdefault("priority", 0)
     status = _ensure(req.obj, "status")
     status.setdefault("phase", "Pending")
-    status.setdefault("qosClass", "BestEffort")
+    status["qosClass"] = pod_qos_class(spec)
+
+
+def pod_qos_class(spec: JSON) -> str:
+    """Kubernetes' QoS class: Guaranteed when every container's cpu and memory limits equal their requests,
+    BestEffort when no container asks for or limits anything, Burstable otherwise."""
+    containers = [c for key in ("containers", "initContainers") for c in _list(spec.get(key))]
+    any_set, guaranteed = False, bool(containers)
+    for c in containers:
+        res = c.get("resources") if isinstance(c.get("resources"), dict) else {}
+        requests = res.get("requests") if isinstance(res.get("requests"), dict) else {}
+        limits = res.get("limits") if isinstance(res.get("limits"), dict) else {}
+        if requests or limits:
+            any_set = True
+        for name in ("cpu", "memory"):
+            limit = limits.get(name)
+            request = requests.get(name, limit)  # a limit alone defaults the request to it
+            try:
+                if limit is None or quantity.parse_quantity(str(request)) != quantity.parse_quantity(str(limit)):
+                    guaranteed = False
+            except ValueError:  # an invalid quantity is validation's to report
+                guaranteed = False
+    if not any_set:
+        return "BestEffort"
+    return "Guaranteed" if guaranteed else "Burstable"
 
 
 def _mutate_service(req: Request) -> None:

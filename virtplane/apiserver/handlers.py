@@ -355,8 +355,18 @@ class ResourceHandler:
             pod.setdefault("spec", {})["nodeName"] = node
             return pod
 
+        def scheduled(pod: JSON) -> JSON:
+            # as the Kubernetes binding does: the pod is scheduled now (a status write of its own)
+            status = pod.setdefault("status", {})
+            conds = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
+            conds.append({"type": "PodScheduled", "status": "True", "lastProbeTime": None,
+                          "lastTransitionTime": objects.now_rfc3339()})
+            status["conditions"] = conds
+            return pod
+
         if await self.server.objects.guaranteed_update(res, ns, name, bind) is None:
             raise errors.not_found(res, name)
+        await self.server.objects.guaranteed_update(res, ns, name, scheduled, subresource="status")
         return json_response(success_status(), 201)
 
     async def finalize_namespace(self, res: resources.Resource, name: str, body: JSON) -> JSON:
