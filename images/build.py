@@ -40,7 +40,8 @@ DEBS = CACHE / "debs"
 EPOCH = int(os.environ.get("SOURCE_DATE_EPOCH", "1700000000"))
 
 KERNEL_META = "linux-image-cloud-amd64"
-KERNEL_CMDLINE = "console=ttyS0,115200 quiet"
+# cryptomgr.notests: the crypto self-tests are among the slowest initcalls under TCG.
+KERNEL_CMDLINE = "console=ttyS0,115200 quiet cryptomgr.notests"
 
 # Host packages whose files end up in the image; their versions are part of the
 # recipe hash so an upgrade (say, a dropbear security fix) triggers a rebuild.
@@ -682,23 +683,26 @@ def build(rhash: str, versions: dict[str, str]) -> None:
     esp_mib = -(-esp.stat().st_size // (1 << 20))
     disk = make_disk(work, esp, DISK_SIZE_MIB - esp_mib - 2)
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
-    shutil.copy(vmlinuz, OUT / "vmlinuz")
-    shutil.copy(initrd, OUT / "initrd.img")
-    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, OUT / "tiny.qcow2")
-    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", disk, OUT / "tiny.vmdk")
-    pin_vmdk_cid(OUT / "tiny.vmdk")
+    # Outputs are staged next to out/ and swapped in with two renames: tests of
+    # other components may be starting VMs from out/ while this runs.
+    stage = CACHE / "out.new"  # same filesystem as out/, and git-ignored
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    shutil.copy(vmlinuz, stage / "vmlinuz")
+    shutil.copy(initrd, stage / "initrd.img")
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, stage / "tiny.qcow2")
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", disk, stage / "tiny.vmdk")
+    pin_vmdk_cid(stage / "tiny.vmdk")
     # VHDX allocates whole blocks; 1 MiB ones keep the mostly-empty state
     # partition's scattered ext4 metadata from costing 32 MiB blocks each.
-    run("qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", disk, OUT / "tiny.vhdx")
-    with (OUT / "tiny.raw.xz").open("wb") as f:
+    run("qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", disk, stage / "tiny.vhdx")
+    with (stage / "tiny.raw.xz").open("wb") as f:
         subprocess.run(["xz", "-T2", "-6", "-c", str(disk)], stdout=f, check=True)
-    make_iso(work, vmlinuz, initrd, esp, OUT / "tiny.iso")
-    make_containerdisk(OUT / "tiny.qcow2", OUT / "containerdisk-oci")
+    make_iso(work, vmlinuz, initrd, esp, stage / "tiny.iso")
+    make_containerdisk(stage / "tiny.qcow2", stage / "containerdisk-oci")
 
     artifacts: dict[str, dict[str, object]] = {}
-    for p in sorted(OUT.iterdir()):
+    for p in sorted(stage.iterdir()):
         if p.is_dir():
             idx = json.loads((p / "index.json").read_text())
             artifacts[p.name] = {"kind": "dir", "format": "oci-layout",
@@ -715,7 +719,14 @@ def build(rhash: str, versions: dict[str, str]) -> None:
         "modules": [rel for rel, _ in modules],
         "artifacts": artifacts,
     }
-    (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    old = CACHE / "out.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if OUT.exists():
+        OUT.rename(old)
+    stage.rename(OUT)
+    # Running QEMUs keep their open files; the old names just go away.
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     log(f"built in {time.monotonic() - t0:.1f}s: " + ", ".join(
         f"{n} {a['size'] / (1 << 20):.1f}MiB" for n, a in artifacts.items() if "size" in a))
