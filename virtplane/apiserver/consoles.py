@@ -17,7 +17,6 @@ the client's upgrade is accepted, so the client gets an HTTP status and a Status
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from typing import TYPE_CHECKING, Any
 
@@ -99,22 +98,6 @@ async def _vm_portforward(req: handlers.SubresourceRequest) -> web.StreamRespons
     return await _proxy(req, vmi, suffix, websocket)
 
 
-async def _node_target(srv: APIServer, vmi: JSON) -> tuple[str, bytes, str]:
-    """(agent base URL, pinned certificate fingerprint, proxy token) for the node running `vmi`."""
-    node_name = (vmi.get("status") or {}).get("nodeName") or ""
-    node_res = srv.registry.lookup("", "v1", "nodes")
-    secret_res = srv.registry.lookup("", "v1", "secrets")
-    assert node_res is not None and secret_res is not None
-    node = await srv.objects.try_get(node_res, None, node_name) if node_name else None
-    if node is None:
-        raise errors.StatusError(
-            503, f"node {node_name!r} of VirtualMachineInstance {vmi['metadata']['name']} is not registered")
-    url, fingerprint = kubevirt._agent_endpoint(node)
-    secret = await srv.objects.get(secret_res, *kubevirt.PROXY_SECRET)
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    return url, fingerprint, token
-
-
 async def _proxy(req: handlers.SubresourceRequest, vmi: JSON, suffix: str, websocket: bool) -> web.StreamResponse:
     status = vmi.get("status") or {}
     if status.get("phase") != "Running" or vmi["metadata"].get("deletionTimestamp"):
@@ -122,7 +105,7 @@ async def _proxy(req: handlers.SubresourceRequest, vmi: JSON, suffix: str, webso
     request = req.request
     if websocket and not web.WebSocketResponse(protocols=PROTOCOLS).can_prepare(request).ok:
         raise errors.bad_request(f"{req.subresource.split('/')[0]} needs a websocket connection (Upgrade: websocket)")
-    base, fingerprint, token = await _node_target(req.server, vmi)
+    base, fingerprint, token = await kubevirt.node_target(req.server, vmi)
     url = f"{base}/v1/namespaces/{req.namespace}/virtualmachineinstances/{vmi['metadata']['name']}/{suffix}"
     if request.query_string:
         url += f"?{request.query_string}"

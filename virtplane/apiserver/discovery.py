@@ -24,6 +24,7 @@ VMI_SUBRESOURCES = {
     "unpause": ["update"], "freeze": ["update"], "unfreeze": ["update"], "softreboot": ["update"],
     "reset": ["update"], "guestosinfo": ["get"], "userlist": ["get"], "filesystemlist": ["get"],
     "addvolume": ["update"], "removevolume": ["update"], "usbredir": ["get"], "vsock": ["get"],
+    "consolelog": ["get"],  # virtplane's: the serial console's log (virtctl console --log)
     "objectgraph": ["get"], "evacuate/cancel": ["update"],
 }
 

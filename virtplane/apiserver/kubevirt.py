@@ -170,16 +170,7 @@ async def _vmi_proxy(req: handlers.SubresourceRequest) -> web.StreamResponse:
     status = vmi.get("status") or {}
     if status.get("phase") != "Running":
         raise _conflict(f"VirtualMachineInstance {name} is not running")
-    node_name = status.get("nodeName")
-    node_res = srv.registry.lookup("", "v1", "nodes")
-    secret_res = srv.registry.lookup("", "v1", "secrets")
-    assert node_res is not None and secret_res is not None
-    node = await srv.objects.try_get(node_res, None, node_name or "")
-    if node is None:
-        raise errors.StatusError(503, f"node {node_name!r} of VirtualMachineInstance {name} is not registered")
-    url, fingerprint = _agent_endpoint(node)
-    secret = await srv.objects.get(secret_res, *PROXY_SECRET)
-    token = base64.b64decode(secret["data"]["token"]).decode()
+    url, fingerprint, token = await node_target(srv, vmi)
     body = await req.request.read() if req.request.can_read_body else b""
     path = f"/v1/namespaces/{ns}/virtualmachineinstances/{name}/{action}"
     try:
@@ -191,7 +182,24 @@ async def _vmi_proxy(req: handlers.SubresourceRequest) -> web.StreamResponse:
             return web.Response(body=payload, status=resp.status,
                                 content_type=resp.content_type or "application/json")
     except (aiohttp.ClientError, OSError) as exc:
-        raise errors.StatusError(503, f"cannot reach the node agent on {node_name}: {exc}") from exc
+        raise errors.StatusError(503, f"cannot reach the node agent on {status.get('nodeName')}: {exc}") from exc
+
+
+async def node_target(srv: APIServer, vmi: JSON) -> tuple[str, bytes, str]:
+    """(agent base URL, pinned certificate fingerprint, proxy token) for the node running `vmi`:
+    what every VMI subresource proxied to a node agent needs."""
+    node_name = (vmi.get("status") or {}).get("nodeName")
+    node_res = srv.registry.lookup("", "v1", "nodes")
+    secret_res = srv.registry.lookup("", "v1", "secrets")
+    assert node_res is not None and secret_res is not None
+    node = await srv.objects.try_get(node_res, None, node_name) if node_name else None
+    if node is None:
+        raise errors.StatusError(
+            503, f"node {node_name!r} of VirtualMachineInstance {vmi['metadata']['name']} is not registered")
+    url, fingerprint = _agent_endpoint(node)
+    secret = await srv.objects.get(secret_res, *PROXY_SECRET)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    return url, fingerprint, token
 
 
 def _agent_endpoint(node: JSON) -> tuple[str, bytes]:

@@ -17,7 +17,18 @@ from aiohttp import web
 
 import virtplane
 from virtplane.api import builtin, openapi, resources
-from virtplane.apiserver import auth, consoles, discovery, errors, handlers, kubevirt, metrics, objects, registry
+from virtplane.apiserver import (
+    auth,
+    consoles,
+    discovery,
+    errors,
+    handlers,
+    kubevirt,
+    metrics,
+    objects,
+    registry,
+    upload,
+)
 from virtplane.store import interface as store_api
 
 log = logging.getLogger(__name__)
@@ -53,6 +64,8 @@ class APIServer:
         self.authorizer = auth.Authorizer()
         self.resource_handler = handlers.ResourceHandler(self)
         self._subresources: dict[tuple[str, str, str], handlers.SubresourceHandler] = {}
+        self._routes: list[tuple[str, str, Any]] = []  # extra endpoints other components plug in
+        self._public_paths: set[str] = set(PUBLIC_PATHS)
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
@@ -60,6 +73,7 @@ class APIServer:
         self.watch_tasks: set[asyncio.Task[Any]] = set()  # open watch streams, ended on shutdown
         self.bound_port: int = 0
         kubevirt.register(self)
+        upload.register(self)
         consoles.register(self)
 
     # --------------------------------------------------------------- plug-ins
@@ -67,6 +81,13 @@ class APIServer:
     def register_subresource(self, group: str, plural: str, name: str, handler: handlers.SubresourceHandler) -> None:
         """Later components plug in start/stop/console/vnc/...; `name` is the first path segment."""
         self._subresources[(group, plural, name)] = handler
+
+    def add_route(self, method: str, path: str, handler: Any, *, public: bool = False) -> None:
+        """An extra endpoint (e.g. CDI's upload proxy). `public` ones skip API-token authentication:
+        they authorize requests themselves (upload tokens)."""
+        self._routes.append((method, path, handler))
+        if public:
+            self._public_paths.add(path)
 
     def subresource_handler(self, res: resources.Resource, sub: str) -> handlers.SubresourceHandler | None:
         return self._subresources.get((res.group, res.plural, sub.split("/")[0]))
@@ -86,6 +107,8 @@ class APIServer:
         r.add_get("/openapi/v2", self._openapi_v2)
         r.add_get("/openapi/v3", self._openapi_v3_index)
         r.add_get("/openapi/v3/{path:.*}", self._openapi_v3)
+        for method, path, handler in self._routes:
+            r.add_route(method, path, handler)
         r.add_route("*", "/api/{tail:.*}", self._dispatch_core)
         r.add_route("*", "/apis/{tail:.*}", self._dispatch_apis)
         r.add_route("*", "/{tail:.*}", self._not_found)
@@ -213,7 +236,7 @@ class APIServer:
         request["vp_verb"] = request.method
         code = 500
         try:
-            if request.path not in PUBLIC_PATHS:
+            if request.path not in self._public_paths:
                 user = self.authenticator.authenticate(request.headers.get("Authorization"))
                 if user is None:
                     raise errors.StatusError(401, "Unauthorized")

@@ -44,30 +44,17 @@ _PROXY_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=No
 
 
 def register(server: APIServer) -> None:
-    original = server.build_app
+    """CDI's upload endpoints (authorized by upload tokens, not API tokens) and UploadTokenRequests."""
 
-    def build_app() -> web.Application:
-        app = original()
-        app.middlewares.insert(0, _middleware(server))
-        return app
+    async def upload(request: web.Request) -> web.StreamResponse:
+        return await proxy_upload(server, request)
 
-    server.build_app = build_app  # type: ignore[method-assign]
+    async def token_requests(request: web.Request) -> web.StreamResponse:
+        return await _api(server, request)
 
-
-def _middleware(server: APIServer) -> Any:
-    @web.middleware
-    async def upload_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        path = request.path
-        try:
-            if path in upload_store.UPLOAD_PATHS:
-                return await proxy_upload(server, request)
-            if path.startswith(f"/apis/{GROUP}"):
-                return await _api(server, request)
-        except errors.StatusError as exc:
-            return handlers.status_response(exc)
-        return await handler(request)
-
-    return upload_middleware
+    for path in upload_store.UPLOAD_PATHS:
+        server.add_route("*", path, upload, public=True)
+    server.add_route("*", f"/apis/{GROUP}" + "{tail:.*}", token_requests)
 
 
 async def token_key(server: APIServer) -> bytes:

@@ -101,7 +101,8 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
     pki.write_kubeconfig(ctrl_kubeconfig, url, certs.ca_cert, ctrl_token)
     agents: list[nodes.NodeAgentProcess] = []
     if with_controllers:
-        ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(ctrl_kubeconfig))
+        ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(ctrl_kubeconfig),
+                                         storage_root=data / "storage")
         await ctrl.start()
         for i in range(1, args.nodes + 1):
             name, node_dir, node_kubeconfig = nodes.prepare_node(data, i, url, certs.ca_cert)
@@ -128,7 +129,8 @@ async def run_controller(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(args.kubeconfig))
+    ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(args.kubeconfig),
+                                     storage_root=args.storage_root)
     await ctrl.run_forever(stop)
     return 0
 
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     add_server_flags(api)
     ctl = sub.add_parser("controller", help="run the controllers against an API server")
     ctl.add_argument("--kubeconfig", default=None)
+    ctl.add_argument("--storage-root", type=Path, default=None,
+                     help="where the built-in provisioners keep volumes (default DATA_DIR/storage)")
     ctl.add_argument("--log-level", default="info")
     add_node_parser(sub)
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any, Protocol
 
 from virtplane.client import rest
@@ -17,6 +18,7 @@ from virtplane.controllers import (
     virtualmachine,
     vmi,
 )
+from virtplane.storage import provisioner
 
 
 class Controller(Protocol):
@@ -25,17 +27,19 @@ class Controller(Protocol):
 
 
 class ControllerManager:
-    def __init__(self, config: rest.ClientConfig) -> None:
+    def __init__(self, config: rest.ClientConfig, *, storage_root: Path | None = None) -> None:
+        """storage_root: where the built-in provisioners keep volumes (default: provisioner.default_root())."""
         self.client = rest.Client(config, user_agent="virtplane-controller-manager")
+        root = provisioner.StorageRoot(storage_root) if storage_root is not None else None
         self.controllers: list[Controller] = [
             garbage_collector.GarbageCollector(self.client),
             namespace.NamespaceController(self.client),
             virtualmachine.VMController(self.client),
             vmi.VMIController(self.client),
             scheduler.Scheduler(self.client),
-            storage_profiles.StorageProfileController(self.client),
-            pvc.PVCController(self.client),
-            datavolume.DataVolumeController(self.client),
+            storage_profiles.StorageProfileController(self.client, root),
+            pvc.PVCController(self.client, root),
+            datavolume.DataVolumeController(self.client, root),
         ]
 
     async def start(self) -> None:

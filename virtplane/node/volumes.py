@@ -39,7 +39,7 @@ from virtplane.hypervisor.cloudinit import build_for_volume, make_iso
 from virtplane.hypervisor.errors import HypervisorError
 from virtplane.hypervisor.quantity import QuantityError, parse_bytes
 from virtplane.hypervisor.runtime import ResolvedVolume
-from virtplane.storage import oci
+from virtplane.storage import oci, provisioner
 from virtplane.storage import volumes as images
 
 from .status import REASON_PVC_NOT_FOUND
@@ -54,7 +54,8 @@ SECRETS = rest.GVR("", "v1", "secrets")
 CONFIGMAPS = rest.GVR("", "v1", "configmaps")
 
 CONFIG_ISO_LABEL = "cfgdata"  # KubeVirt's volume id for config ISOs without a volumeLabel
-FILESYSTEM_DISK_NAME = "disk.img"  # KubeVirt's file inside a Filesystem-mode PVC
+FILESYSTEM_DISK_NAME = provisioner.RAW_DISK  # KubeVirt's file inside a Filesystem-mode PVC
+COW_DISK_NAME = provisioner.QCOW2_DISK  # a copy-on-write clone's overlay
 UNSUPPORTED_SOURCES = ("sysprep", "downwardMetrics", "memoryDump")
 REASON_PVC_NOT_BOUND = "WaitingForVolumeBinding"
 REASON_IMAGE_PULL = "ErrImagePull"
@@ -259,8 +260,15 @@ class VolumeResolver:
             st = os.stat(path)
         except FileNotFoundError as err:
             raise VolumeNotReady(REASON_PVC_NOT_BOUND, f"PV {pv_name}: {path} does not exist on this node") from err
+        fmt = "raw"
         if stat.S_ISDIR(st.st_mode):
-            path = path / FILESYSTEM_DISK_NAME
+            # KubeVirt's layout is a raw disk.img; virtplane's copy-on-write clones are a qcow2 overlay named
+            # disk.qcow2 (the name fixes the format: probing it would let a guest write a qcow2 header into a
+            # raw disk and gain access to host files through a backing file).
+            if (path / COW_DISK_NAME).exists():
+                path, fmt = path / COW_DISK_NAME, "qcow2"
+            else:
+                path = path / FILESYSTEM_DISK_NAME
             if not path.exists():
                 raise VolumeNotReady(REASON_PVC_NOT_BOUND, f"PV {pv_name}: no {FILESYSTEM_DISK_NAME} in {host_path}")
         elif stat.S_ISBLK(st.st_mode):
@@ -273,7 +281,7 @@ class VolumeResolver:
             "capacity": (pvc.get("status") or {}).get("capacity") or {},
             "requests": ((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {},
         }
-        return ResolvedVolume(path, "raw", is_block_device=block, readonly=ro,
+        return ResolvedVolume(path, fmt, is_block_device=block, readonly=ro,
                               supports_direct_io=block or supports_direct_io(path.parent)), info  # fmt: skip
 
     async def _host_disk(self, src: Mapping[str, Any], field: str) -> ResolvedVolume:
