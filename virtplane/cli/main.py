@@ -15,9 +15,10 @@ from typing import Any
 
 import virtplane
 from virtplane.apiserver import auth, pki, server
-from virtplane.cli import nodes
+from virtplane.cli import demo, nodes
 from virtplane.client import rest
 from virtplane.controllers import manager
+from virtplane.storage import registry
 from virtplane.store import open_store
 from virtplane.store.interface import StoreError
 
@@ -100,6 +101,17 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
     ctrl_token = auth.ensure_token(data / "tokens.csv", CONTROLLER_USER, (auth.COMPONENTS_GROUP,))
     pki.write_kubeconfig(ctrl_kubeconfig, url, certs.ca_cert, ctrl_token)
     agents: list[nodes.NodeAgentProcess] = []
+    cluster_registry = None
+    if with_controllers and args.registry_port:
+        try:
+            cluster_registry = demo.start_cluster_registry(data, args.registry_port)
+        except registry.RegistryError as exc:
+            log.warning("the cluster registry did not start; continuing without it: %s", exc)
+        if cluster_registry is not None:
+            image = await demo.publish_guest_image(cluster_registry)
+            if args.demo and image:
+                async with rest.Client(rest.ClientConfig.from_kubeconfig(kubeconfig)) as client:
+                    await demo.create_demo_vm(client, image)
     if with_controllers:
         ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(ctrl_kubeconfig),
                                          storage_root=data / "storage")
@@ -113,11 +125,16 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
                                        "version": virtplane.__version__})
     print(f"virtplane {virtplane.__version__} is up at {url}\n"
           f"  export KUBECONFIG={kubeconfig}\n  kubectl get vm -A", flush=True)
+    if getattr(args, "demo", False):
+        print("  kubectl wait vm/demo --for=condition=Ready --timeout=120s && virtctl console demo"
+              "   # root / virtplane; Ctrl+] leaves", flush=True)
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         await asyncio.gather(*(a.stop() for a in agents))
+        if cluster_registry is not None:
+            cluster_registry.stop()
         if ctrl is not None:
             await ctrl.stop()
         await api.stop()
@@ -145,10 +162,19 @@ def add_node_parser(sub: Any) -> None:
     node.add_argument("--insecure-registry", action="append", default=[],
                       help="registry host[:port] to pull containerDisks from over plain HTTP (repeatable)")
     node.add_argument("--log-level", default="info")
+    # Pod network (virtplane.network): opt-in until proven; `user` is the interim QEMU user-mode network.
+    node.add_argument("--pod-network", choices=("user", "cni"), default="user",
+                      help="cni: a netns per VMI, the CNI chain, KubeVirt's masquerade binding (needs root)")
+    node.add_argument("--pod-cidr", default="10.244.0.0/24", help="this node's pod subnet (default CNI chain)")
+    node.add_argument("--cni-config", type=Path, default=None,
+                      help="CNI config (list) file to use instead of bridge vp0 + host-local; re-read per VMI")
 
 
 async def run_node(args: argparse.Namespace) -> int:
+    from virtplane.node import network
     from virtplane.node.agent import AgentConfig, NodeAgent
+
+    network.configure_pod_network(args.pod_network, args.data_dir, pod_cidr=args.pod_cidr, cni_config=args.cni_config)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     add_server_flags(up)
     up.add_argument("--nodes", type=int, default=1, help="number of node agents")
     up.add_argument("--demo", action="store_true", help="also create a demo VirtualMachine")
+    up.add_argument("--registry-port", type=int, default=5000,
+                    help="port of the cluster's image registry on 127.0.0.1 (0: none)")
     api = sub.add_parser("apiserver", help="run the API server alone (scale-out)")
     add_server_flags(api)
     ctl = sub.add_parser("controller", help="run the controllers against an API server")

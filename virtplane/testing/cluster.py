@@ -51,11 +51,17 @@ class Cluster:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "virtplane.cli.main", self.command, "--data-dir", str(self.data_dir),
-             "--port", str(self.port), *self.extra_args],
+             "--port", str(self.port), *self._default_args(), *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
         )
         self.wait_ready(timeout)
         return self
+
+    def _default_args(self) -> tuple[str, ...]:
+        # tests run their own registries: the cluster's fixed-port one would clash between clusters
+        if self.command == "up" and "--registry-port" not in self.extra_args:
+            return ("--registry-port", "0")
+        return ()
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
