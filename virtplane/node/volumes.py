@@ -38,7 +38,7 @@ from virtplane.client import rest
 from virtplane.hypervisor.cloudinit import build_for_volume, make_iso
 from virtplane.hypervisor.errors import HypervisorError
 from virtplane.hypervisor.quantity import QuantityError, parse_bytes
-from virtplane.hypervisor.runtime import ResolvedVolume
+from virtplane.hypervisor.runtime import KernelBootFiles, ResolvedVolume
 from virtplane.storage import oci, provisioner
 from virtplane.storage import volumes as images
 
@@ -146,6 +146,29 @@ class VolumeResolver:
             if info:
                 extra[name] = info
         return ResolvedVolumes(out, extra)
+
+    async def resolve_kernel_boot(self, vmi: Mapping[str, Any]) -> KernelBootFiles | None:
+        """`spec.domain.firmware.kernelBoot.container`: its kernel and initrd as host files, or None.
+
+        Pulled with the containerDisk puller and cached by manifest digest; QEMU only reads them, so every VMI
+        booting the image shares the cached copies. An image without the paths can never boot: VolumeError.
+        """
+        firmware = ((vmi.get("spec") or {}).get("domain") or {}).get("firmware") or {}
+        container = (firmware.get("kernelBoot") or {}).get("container")
+        if not container:
+            return None
+        field = "spec.domain.firmware.kernelBoot.container"
+        image = str(container.get("image") or "")
+        kernel, initrd = container.get("kernelPath"), container.get("initrdPath")
+        paths = [str(p) for p in (kernel, initrd) if p]
+        try:
+            files = await oci.pull_files(self.images, image, paths)
+        except oci.MissingFileError as err:
+            raise VolumeError(f"{field}: {err}") from err
+        except oci.OCIError as err:
+            raise VolumeNotReady(REASON_IMAGE_PULL, f"failed to pull image {image!r}: {err}") from err
+        return KernelBootFiles(kernel=files[str(kernel)] if kernel else None,
+                               initrd=files[str(initrd)] if initrd else None)  # fmt: skip
 
     async def _resolve_one(
         self, vmi: Mapping[str, Any], vol: Mapping[str, Any], field: str, disk_dir: Path, direct: bool

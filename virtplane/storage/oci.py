@@ -664,3 +664,103 @@ class ImageCache:
         hit = self.cached(manifest.digest)
         assert hit is not None
         return hit
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files out of an image (kernelBoot containers)
+
+
+class MissingFileError(OCIError):
+    """The image was pulled but has no regular file at a requested path: retrying cannot help."""
+
+
+def extract_files(layers: list[tuple[Path, str]], wanted: Mapping[str, Path]) -> None:
+    """Apply the layers in order and write each wanted image path (`/boot/vmlinuz`) to its destination.
+
+    Only the wanted paths are written, so a kernelBoot image with a full userland costs no disk. Whiteouts
+    remove files of lower layers as in `extract_disk`. Raises MissingFileError naming every absent path.
+    Runs blocking I/O: call it in a thread.
+    """
+    by_member = {_member_path(p): p for p in wanted}
+    current: dict[str, Path] = {}  # member path → extracted temp file
+    try:
+        for path, media_type in layers:
+            with _open_layer(path, media_type) as tar:
+                for member in tar:
+                    name = _member_path(member.name)
+                    parent, _, base = name.rpartition("/")
+                    if base.startswith(".wh."):
+                        victim = parent if base == ".wh..wh..opq" else (f"{parent}/{base[4:]}" if parent else base[4:])
+                        for key in [k for k in current if k == victim or k.startswith(victim + "/")]:
+                            current.pop(key).unlink(missing_ok=True)
+                        continue
+                    if name not in by_member or not member.isreg():
+                        continue
+                    src = tar.extractfile(member)
+                    if src is None:
+                        continue
+                    dest = wanted[by_member[name]]
+                    fd, tmp_name = tempfile.mkstemp(prefix=".file-", dir=dest.parent)
+                    with os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(src, out, _CHUNK)
+                    if name in current:
+                        current[name].unlink(missing_ok=True)
+                    current[name] = Path(tmp_name)
+        missing = sorted(by_member[m] for m in by_member if m not in current)
+        if missing:
+            raise MissingFileError(f"the image has no file at {', '.join(missing)}")
+        for name, tmp in list(current.items()):
+            os.chmod(tmp, 0o444)  # shared by every VM booting this image: nobody may write it
+            os.replace(tmp, wanted[by_member[name]])
+            current.pop(name)
+    finally:
+        for leftover in current.values():
+            leftover.unlink(missing_ok=True)
+
+
+async def pull_files(cache: ImageCache, image: str, paths: Iterable[str]) -> dict[str, Path]:
+    """Host copies of `paths` inside `image`, cached under `<cache root>/files/<manifest digest>/`.
+
+    The same puller (auth, insecure registries, digest checks) as containerDisks; one download per image and
+    path set at a time. Raises MissingFileError when the image lacks a path, OCIError when it cannot be pulled.
+    """
+    wanted = sorted(set(paths))
+    ref = Reference.parse(image)
+    timeout = aiohttp.ClientTimeout(total=cache.timeout, sock_connect=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        client = RegistryClient(session, insecure_registries=cache.insecure_registries,
+                                credentials=cache.credentials)  # fmt: skip
+        try:
+            manifest = await client.resolve(ref)
+        except OCIError as err:
+            raise OCIError(f"pulling {image}: {err}") from err
+        algo, hexd = manifest.digest.split(":", 1)
+        final = cache.root / "files" / algo / hexd
+        # Each path under a name derived from it: image paths are untrusted and must not pick host file names.
+        targets = {p: final / hashlib.sha256(p.encode()).hexdigest()[:32] for p in wanted}
+        if all(t.exists() for t in targets.values()):
+            return targets
+        lock = cache._locks.setdefault(f"files:{manifest.digest}", asyncio.Lock())
+        async with lock:
+            if all(t.exists() for t in targets.values()):
+                return targets
+            final.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=".pull-", dir=final))
+            try:
+                layers: list[tuple[Path, str]] = []
+                for i, desc in enumerate(manifest.layers):
+                    path = work / f"layer-{i}"
+                    await client.download_blob(ref, desc, path)
+                    layers.append((path, desc.media_type))
+                try:
+                    await asyncio.to_thread(extract_files, layers, targets)
+                except MissingFileError as err:
+                    raise MissingFileError(f"image {image}: {err}") from err
+                except (tarfile.TarError, OSError) as err:
+                    raise OCIError(f"pulling {image}: cannot read the image layers: {err}") from err
+                except OCIError as err:
+                    raise OCIError(f"pulling {image}: {err}") from err
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    log.info("pulled files from image", extra={"image": image, "digest": manifest.digest, "paths": wanted})
+    return targets
