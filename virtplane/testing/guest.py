@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import hashlib
+import io
 import json
 import os
 import re
@@ -27,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -663,3 +667,49 @@ def registry_with_containerdisk(workdir: Path, repository: str = "virtplane/tiny
     with start_registry(workdir) as reg:
         push_oci_layout(reg.host, paths.containerdisk_oci, repository, tag)
         yield reg, f"{reg.host}/{repository}:{tag}"
+
+
+def make_kernelboot_oci_layout(dest: Path, files: dict[str, Path] | None = None) -> Path:
+    """An OCI image layout for KubeVirt's kernelBoot container: one gzip layer holding `files`
+    (image path → host file; default the tiny guest's /boot/vmlinuz and /boot/initrd.img). Returns dest."""
+    if files is None:
+        paths = image_paths()
+        files = {"/boot/vmlinuz": paths.vmlinuz, "/boot/initrd.img": paths.initrd}
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+
+    def blob(data: bytes, media_type: str) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, src in sorted(files.items()):
+            info = tar.gettarinfo(str(src), arcname=name.lstrip("/"))
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 1700000000  # reproducible, like images/build.py
+            with open(src, "rb") as f:
+                tar.addfile(info, f)
+    layer_tar = raw.getvalue()
+    layer = blob(gzip.compress(layer_tar, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip")
+    config = blob(json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(layer_tar).hexdigest()}"]},
+    }).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": config, "layers": [layer]}).encode()
+    desc = blob(manifest, "application/vnd.oci.image.manifest.v1+json")
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]}
+    (dest / "index.json").write_text(json.dumps(index))
+    return dest
+
+
+def push_kernelboot_image(registry: str, workdir: Path, repository: str = "virtplane/tiny-kernel",
+                          tag: str = "latest") -> str:
+    """Builds the kernelBoot layout under workdir, pushes it to registry ("host:port"); returns the image ref."""
+    push_oci_layout(registry, make_kernelboot_oci_layout(workdir / "kernelboot-oci"), repository, tag)
+    return f"{registry}/{repository}:{tag}"
