@@ -196,13 +196,6 @@ class VMIController:
             await asyncio.to_thread(lambda: VMIRuntime(path, RuntimeMeta("", *key)).remove_files())
         rt = VMIRuntime(path, RuntimeMeta(uid=meta["uid"], namespace=key[0], name=key[1]))
         rt.save()
-        # pod-network hook (virtplane.network, `virtplane node --pod-network cni`): netns, CNI ADD, masquerade
-        # binding before QEMU exists; undone on failure (and on delete, by network.teardown below).
-        try:
-            await network.prepare(vmi)
-        except network.NetworkSetupError as err:
-            await self._finish(key, vmi, rt, st.FAILED, f"cannot run this VMI: {err}", remove=True)
-            return None
         try:
             resolved = await self.resolver.resolve(vmi, rt.disks_dir)
             kernel_boot = await self.resolver.resolve_kernel_boot(vmi)
@@ -228,12 +221,10 @@ class VMIController:
         try:
             await machine.start(paused=paused)
         except HypervisorError as err:
-            network.release(meta["uid"])  # pod-network hook: our copy of the tap fd
             reason = machine.reason or str(err)
             log.warning("QEMU of %s/%s did not start: %s", *key, reason)
             await self._finish(key, vmi, rt, st.FAILED, f"QEMU failed to start: {reason}")
             return None
-        network.release(meta["uid"])  # pod-network hook: QEMU holds the tap fd now
         rt.meta.started_at = st.now_rfc3339()
         rt.meta.paused_by_user = paused
         rt.save()
@@ -296,9 +287,8 @@ class VMIController:
             await self.recorder.event(written, "Normal", "Started", "VirtualMachineInstance started.")
         pod = self._launcher_pod(vmi)
         if pod is not None:
-            pod_ip = network.pod_ip(rt.meta.uid) or self.node_ip  # pod-network hook
             await self._write_pod(pod, lambda old: st.launcher_pod_status(
-                old, phase="Running", host_ip=self.node_ip, pod_ip=pod_ip, started_at=rt.meta.started_at))
+                old, phase="Running", host_ip=self.node_ip, pod_ip=self.node_ip, started_at=rt.meta.started_at))
         return RESYNC_SECONDS
 
     @staticmethod
@@ -347,10 +337,7 @@ class VMIController:
         else:
             conds = st.remove_condition(conds, st.COND_SOFTWARE_EMULATION)
         s["conditions"] = conds
-        # pod-network hook: as in KubeVirt, a masquerade interface reports the pod IP when there is one
-        pod_ip = network.pod_ip(rt.meta.uid)
-        s["interfaces"] = st.interfaces_status(obj, rt.agent.interfaces if rt.agent.connected else None,
-                                               **({"masquerade_ip": pod_ip} if pod_ip else {}))  # fmt: skip
+        s["interfaces"] = st.interfaces_status(obj, rt.agent.interfaces if rt.agent.connected else None)
         osinfo = st.guest_os_info(rt.agent.osinfo) if rt.agent.connected else {}
         if osinfo:
             s["guestOSInfo"] = osinfo
@@ -447,7 +434,6 @@ class VMIController:
         phase = st.FAILED if failed else st.SUCCEEDED
         reason = rt.machine.reason if rt is not None and rt.machine is not None else "deleted"
         await self._finish(key, vmi, rt, phase, reason or "deleted")
-        await network.teardown(vmi["metadata"].get("uid", ""))  # pod-network hook: CNI DEL, netns removed
         if rt is not None:
             await rt.close()
             self.runtimes.pop(key, None)
@@ -466,7 +452,6 @@ class VMIController:
         if rt.alive and rt.machine is not None:
             with contextlib.suppress(HypervisorError, TimeoutError):
                 await rt.machine.kill()
-        await network.teardown(rt.meta.uid)  # pod-network hook
         await rt.close()
         self.runtimes.pop(rt.key, None)
         await asyncio.to_thread(rt.remove_files)
