@@ -770,6 +770,241 @@ async def cmd_version(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- image-upload
+
+DATAVOLUMES = rest.GVR("cdi.kubevirt.io", "v1beta1", "datavolumes")
+PVCS = rest.GVR("", "v1", "persistentvolumeclaims")
+UPLOAD_TOKENS = "/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/{ns}/uploadtokenrequests"
+UPLOAD_SYNC = "/v1beta1/upload"
+ANN_UPLOAD_ENDPOINT = "upload.virtplane.io/endpoint"  # written by the DataVolume controller at UploadReady
+ANN_POD_PHASE = "cdi.kubevirt.io/storage.pod.phase"
+ANN_POD_READY = "cdi.kubevirt.io/storage.pod.ready"
+ANN_IMMEDIATE = "cdi.kubevirt.io/storage.bind.immediate.requested"
+ANN_CONTENT_TYPE = "cdi.kubevirt.io/storage.contentType"
+UPLOAD_CHUNK = 1 << 20
+ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
+VOLUME_MODES = {"block": "Block", "filesystem": "Filesystem"}
+
+
+def upload_datavolume(args: argparse.Namespace, namespace: str) -> JSON:
+    """The DataVolume `virtctl image-upload` creates (KubeVirt's shape: the `storage` API, so the
+    StorageProfile fills what the user left out)."""
+    storage: JSON = {"resources": {"requests": {"storage": args.size}}}
+    if args.storage_class:
+        storage["storageClassName"] = args.storage_class
+    if args.access_mode:
+        storage["accessModes"] = [args.access_mode]
+    if args.volume_mode:
+        storage["volumeMode"] = VOLUME_MODES[args.volume_mode]
+    meta: JSON = {"name": args.name, "namespace": namespace}
+    if args.force_bind:
+        meta["annotations"] = {ANN_IMMEDIATE: "true"}
+    return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": meta,
+            "spec": {"source": {"upload": {}}, "contentType": "kubevirt", "storage": storage}}
+
+
+def _check_upload_args(args: argparse.Namespace) -> Path:
+    if args.target not in ("dv", "pvc"):
+        raise CLIError(f'image-upload: the target must be "dv" or "pvc", not {args.target!r}', 2)
+    if not args.image_path:
+        raise CLIError("image-upload: --image-path is required", 2)
+    path = Path(args.image_path)
+    if not path.is_file():
+        raise CLIError(f"image-upload: cannot read {path}: no such file")
+    if not args.no_create and not args.size:
+        raise CLIError("image-upload: --size is required to create the volume (or use --no-create)", 2)
+    if args.access_mode and args.access_mode not in ACCESS_MODES:
+        raise CLIError(f"image-upload: --access-mode must be one of {', '.join(ACCESS_MODES)}", 2)
+    if args.volume_mode:
+        args.volume_mode = args.volume_mode.lower()
+        if args.volume_mode not in VOLUME_MODES:
+            raise CLIError("image-upload: --volume-mode must be block or filesystem", 2)
+    return path
+
+
+async def _upload_volume(args: argparse.Namespace, ctx: Context, client: rest.Client) -> None:
+    """Create the upload DataVolume unless it exists; an existing one is reused while it still waits for
+    its data, which is what makes a failed upload resumable by running the same command again."""
+    ns, name = ctx.namespace, args.name
+    try:
+        pvc: JSON | None = await client.get(PVCS, name, ns)
+    except rest.NotFound:
+        pvc = None
+    try:
+        dv: JSON | None = await client.get(DATAVOLUMES, name, ns)
+    except rest.NotFound:
+        dv = None
+    if dv is not None:
+        if "upload" not in ((dv.get("spec") or {}).get("source") or {}):
+            raise CLIError(f"DataVolume {ns}/{name} exists and is not an upload DataVolume")
+        phase = (dv.get("status") or {}).get("phase")
+        if phase == "Succeeded":
+            raise CLIError(f"DataVolume {ns}/{name} already holds an uploaded image (phase Succeeded)")
+        print(f"Using existing DataVolume {ns}/{name}", file=sys.stderr)
+        return
+    if pvc is not None:
+        if ANN_UPLOAD_ENDPOINT in ((pvc.get("metadata") or {}).get("annotations") or {}):
+            print(f"Using existing PVC {ns}/{name}", file=sys.stderr)
+            return
+        raise CLIError(f"PVC {ns}/{name} not available for upload (it is not the target of an upload DataVolume)")
+    if args.no_create:
+        raise CLIError(f"{'DataVolume' if args.target == 'dv' else 'PVC'} {ns}/{name} not found (--no-create)")
+    # virtplane's upload server is driven by the DataVolume controller, so a `pvc` target is provisioned
+    # through a DataVolume of the same name: the PVC the user asked for is the one it creates.
+    await client.create(DATAVOLUMES, upload_datavolume(args, ns), ns)
+    kind = "DataVolume" if args.target == "dv" else "PVC (through DataVolume)"
+    print(f"{kind} {ns}/{name} created", file=sys.stderr)
+
+
+async def _wait_upload_ready(client: rest.Client, ns: str, name: str, timeout: float) -> None:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    last = ""
+    while True:
+        try:
+            dv = await client.get(DATAVOLUMES, name, ns)
+            status = dv.get("status") or {}
+            last = str(status.get("phase") or "")
+            if last == "Failed":
+                ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Running"), {})
+                raise CLIError(f"DataVolume {ns}/{name} failed: {ready.get('message') or ready.get('reason')}")
+        except rest.NotFound:
+            dv = None
+        try:
+            pvc = await client.get(PVCS, name, ns)
+            anns = (pvc.get("metadata") or {}).get("annotations") or {}
+            if anns.get(ANN_UPLOAD_ENDPOINT) and str(anns.get(ANN_POD_READY, "true")).lower() == "true":
+                return
+        except rest.NotFound:
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            hint = " (a WaitForFirstConsumer class binds only for a VM: use --force-bind)" \
+                if last in ("", "Pending", "PendingPopulation", "WaitForFirstConsumer") else ""
+            raise CLIError(f"timed out after {timeout:.0f}s waiting for {ns}/{name} to be ready for an upload "
+                           f"(phase {last or 'unknown'}){hint}")
+        await asyncio.sleep(0.5)
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, a line per 10 % otherwise)."""
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_decile = -1
+
+    def render(self) -> str:
+        frac = min(self.done / self.total, 1.0)
+        width = 30
+        filled = int(frac * width)
+        return (f"{_human(self.done)} / {_human(self.total)} [{'=' * filled}{'>' if filled < width else ''}"
+                f"{' ' * max(width - filled - 1, 0)}] {frac * 100:5.1f}%")
+
+    def add(self, n: int) -> None:
+        self.done += n
+        decile = int(10 * self.done / self.total)
+        if self.tty:
+            self.stream.write("\r" + self.render())
+        elif decile != self._last_decile:
+            self._last_decile = decile
+            self.stream.write(self.render() + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+async def _file_chunks(path: Path, progress: Progress) -> Any:
+    f = await asyncio.to_thread(path.open, "rb")
+    with f:
+        while True:
+            chunk = await asyncio.to_thread(f.read, UPLOAD_CHUNK)
+            if not chunk:
+                return
+            progress.add(len(chunk))
+            yield chunk
+
+
+async def _upload_token(client: rest.Client, ns: str, name: str) -> str:
+    body = {"apiVersion": "upload.cdi.kubevirt.io/v1beta1", "kind": "UploadTokenRequest",
+            "metadata": {"name": name, "namespace": ns}, "spec": {"pvcName": name}}
+    out = await client.request("POST", UPLOAD_TOKENS.format(ns=ns), body=body)
+    token = ((out or {}).get("status") or {}).get("token") if isinstance(out, dict) else None
+    if not token:
+        raise CLIError("the API server answered the UploadTokenRequest without a token")
+    return str(token)
+
+
+async def _send(args: argparse.Namespace, ctx: Context, path: Path, token: str) -> None:
+    base = (args.uploadproxy_url or ctx.config.server).rstrip("/")
+    ssl_ctx: Any = False if args.insecure else ctx.config.ssl_context()
+    size = (await asyncio.to_thread(path.stat)).st_size
+    progress = Progress(size)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream",
+               "Content-Length": str(size), "User-Agent": f"virtctl/{virtplane.__version__}"}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=15)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_ctx)) as session, \
+                session.post(base + UPLOAD_SYNC, data=_file_chunks(path, progress), headers=headers) as resp:
+            text = (await resp.text()).strip()
+            status = resp.status
+    except (aiohttp.ClientError, OSError) as exc:
+        progress.close()
+        raise CLIError(f"upload of {path} interrupted after {progress.done} of {size} bytes: {exc}; "
+                       f"{_retry_hint(args, ctx)}") from exc
+    progress.close()
+    if status == 200:
+        return
+    if status == 401:
+        raise CLIError(f"the upload proxy refused the upload token: {text}")
+    raise CLIError(f"upload failed (HTTP {status}): {text or 'no reason given'}; {_retry_hint(args, ctx)}")
+
+
+def _retry_hint(args: argparse.Namespace, ctx: Context) -> str:
+    return (f"{ctx.namespace}/{args.name} still waits for its image: run the same command again to retry "
+            "(it reuses the volume)")
+
+
+async def _wait_succeeded(client: rest.Client, ns: str, name: str, timeout: float) -> None:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    phase = ""
+    while asyncio.get_running_loop().time() < deadline:
+        status = (await client.get(DATAVOLUMES, name, ns)).get("status") or {}
+        phase = str(status.get("phase") or "")
+        if phase == "Succeeded":
+            return
+        if phase == "Failed":
+            raise CLIError(f"DataVolume {ns}/{name} failed after the upload")
+        await asyncio.sleep(0.3)
+    raise CLIError(f"timed out after {timeout:.0f}s waiting for DataVolume {ns}/{name} to finish (phase {phase})")
+
+
+async def cmd_image_upload(args: argparse.Namespace, ctx: Context) -> int:
+    path = _check_upload_args(args)
+    async with ctx.client() as client:
+        await _upload_volume(args, ctx, client)
+        await _wait_upload_ready(client, ctx.namespace, args.name, float(args.wait_secs))
+        print(f"Uploading {path} to {ctx.namespace}/{args.name}", file=sys.stderr)
+        token = await _upload_token(client, ctx.namespace, args.name)
+        await _send(args, ctx, path, token)
+        print("Uploading data completed successfully, waiting for processing to complete, you can hit ctrl-c "
+              "without interrupting the progress", file=sys.stderr)
+        await _wait_succeeded(client, ctx.namespace, args.name, float(args.wait_secs))
+    print(f"Processing completed successfully\nUploading {path} completed successfully")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- create vm
 
 _RAND_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' rand.String alphabet (no vowels, no lookalikes)
@@ -1355,7 +1590,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base64-encoded cloud-init network data")
     p.add_argument("--access-cred", dest="access_cred", action="append", default=[], help=argparse.SUPPRESS)
 
-    for name in ("addvolume", "removevolume", "image-upload"):
+    p = verb("image-upload", "upload a VM image into a DataVolume (dv NAME) or PVC (pvc NAME)", cmd_image_upload)
+    p.add_argument("target", metavar="dv|pvc")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--image-path", dest="image_path", default="", help="the local image (qcow2, raw, ...; gz/xz)")
+    p.add_argument("--size", default="", help="size of the volume to create, e.g. 1Gi")
+    p.add_argument("--storage-class", dest="storage_class", default="", help="StorageClass of the new volume")
+    p.add_argument("--access-mode", dest="access_mode", default="",
+                   help="ReadWriteOnce, ReadWriteMany, ... (default: the StorageProfile's)")
+    p.add_argument("--volume-mode", dest="volume_mode", default="",
+                   help="block or filesystem (default: the StorageProfile's)")
+    p.add_argument("--uploadproxy-url", dest="uploadproxy_url", default="",
+                   help="the upload proxy (default: the API server, which serves CDI's upload endpoints)")
+    p.add_argument("--wait-secs", dest="wait_secs", type=int, default=300,
+                   help="seconds to wait for the volume to be ready for the upload, and to finish (default 300)")
+    _bool_flag(p, "--insecure", dest="insecure", help="do not verify the upload proxy's TLS certificate")
+    _bool_flag(p, "--no-create", dest="no_create", help="the volume must exist already")
+    _bool_flag(p, "--force-bind", dest="force_bind", help="bind a WaitForFirstConsumer volume right away")
+    for name in ("addvolume", "removevolume"):
         p = verb(name, STORAGE_LATER, cmd_not_yet, needs_cluster=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
