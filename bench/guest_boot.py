@@ -3,8 +3,9 @@
 
 Wall time from starting qemu-system-x86_64 to the guest's first console line
 ("virtplane-guest: booted", printed by /init before anything else), min and median
-of N runs, plus a direct-kernel boot on -M microvm as the floor (no firmware, no
-PCI). Minimal devices: the boot medium and the serial console, no NIC.
+of N runs, and the median CPU time QEMU used until then (steadier on a shared
+host), plus a direct-kernel boot on -M microvm as the floor (no firmware, no PCI).
+Minimal devices: the boot medium and the serial console, no NIC.
 
     .venv/bin/python bench/guest_boot.py [--runs 5] [--only disk-bios,kernel-microvm]
 """
@@ -66,7 +67,15 @@ def microvm_argv(p: guest.ImagePaths, initrd: Path) -> list[str]:
             "-append", f"{p.kernel_cmdline} lpj=5000000 noapictimer"]
 
 
-def time_boot(argv: list[str], workdir: Path, timeout: float = 30.0) -> float | None:
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU time of a process: on a shared machine this moves far less
+    with other load than wall time does (TCG runs the guest on one thread)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_boot(argv: list[str], workdir: Path, timeout: float = 30.0) -> tuple[float, float] | None:
+    """(wall seconds, QEMU CPU seconds) until the guest printed BOOTED."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             cwd=workdir, start_new_session=True)
@@ -76,7 +85,7 @@ def time_boot(argv: list[str], workdir: Path, timeout: float = 30.0) -> float | 
             console.wait_for(BOOTED, timeout)
         except TimeoutError:
             return None  # counted as a failed run, not a time
-        return time.monotonic() - t0
+        return time.monotonic() - t0, cpu_seconds(proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
@@ -105,7 +114,8 @@ def main() -> int:
         for name, what, kwargs in plan:
             if only and name not in only:
                 continue
-            times = []
+            times: list[float] = []
+            cpus: list[float] = []
             for i in range(args.runs):
                 work = tmpdir / f"{name}-{i}"
                 work.mkdir()
@@ -113,21 +123,23 @@ def main() -> int:
                     argv = microvm_argv(p, initrd)
                 else:
                     argv, _ = guest.qemu_argv(work, **kwargs)
-                t = time_boot(argv, work)
-                if t is None:
+                res = time_boot(argv, work)
+                if res is None:
                     failed[name] = failed.get(name, 0) + 1
                 else:
-                    times.append(t)
+                    times.append(res[0])
+                    cpus.append(res[1])
                 shutil.rmtree(work, ignore_errors=True)
             if times:
-                rows.append((name, min(times), statistics.median(times), what))
+                rows.append((name, min(times), statistics.median(times), statistics.median(cpus), what))
             print(f"  {name}: {' '.join(f'{t:.2f}' for t in times)} ({failed.get(name, 0)} failed)",
                   file=sys.stderr, flush=True)
 
     print(f"\nboot to '{BOOTED}' under TCG, {args.runs} runs, {os.cpu_count()} host cores")
-    print(f"{'case':<16} {'min s':>6} {'median s':>9}  what")
-    for name, tmin, tmed, what in rows:
-        print(f"{name:<16} {tmin:>6.2f} {tmed:>9.2f}  {what}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (wall times grow with it; CPU times barely)")
+    print(f"{'case':<16} {'min s':>6} {'median s':>9} {'cpu s':>6}  what")
+    for name, tmin, tmed, cmed, what in rows:
+        print(f"{name:<16} {tmin:>6.2f} {tmed:>9.2f} {cmed:>6.2f}  {what}")
     for name, n in failed.items():
         print(f"{name}: {n} of {args.runs} runs did not reach '{BOOTED}' within 30 s")
     sizes = {n: a["size"] for n, a in p.manifest["artifacts"].items() if "size" in a}

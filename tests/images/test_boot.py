@@ -35,7 +35,7 @@ def test_bios_disk_cloud_config_ssh_agent_hotplug_reboot_shutdown(
     )
     with guest.start_guest(tmp_path / "vm", image=images.qcow2, cidata=seed, ssh=True,
                            hotplug_ports=1, scsi=True) as g:
-        g.wait_for(BOOTED, 30)
+        g.wait_for(BOOTED, 90)
         g.wait_for(r"hostname bios-vm$")
         g.wait_for(r"virtplane-guest: ip eth0 10\.0\.2\.15$")
         g.wait_for(r"runcmd-ran")
@@ -97,7 +97,7 @@ echo "virtplane-guest: user-script-ran $(hostname)" > /dev/console
                                    meta_data={"instance-id": "iid-uefi-1", "local-hostname": "uefi-vm"},
                                    user_data=script)
     with guest.start_guest(tmp_path / "vm", image=images.qcow2, firmware="uefi", cidata=seed, ssh=True) as g:
-        g.wait_for(BOOTED, 60)
+        g.wait_for(BOOTED, 90)
         g.wait_for(r"cloud-init datasource nocloud")
         g.wait_for(r"user-script-ran uefi-vm", 60)
         assert "uefi-vm" in g.ssh(key, "hostname; ls /sys/firmware/efi").stdout
@@ -124,7 +124,7 @@ def test_iso_configdrive_e1000e_static_network(
     # e1000e NIC (also built): KubeVirt's defaults for cdroms and a common NIC model.
     with guest.start_guest(tmp_path / "vm", image=images.iso, boot="cdrom", cidata=drive, cidata_bus="sata",
                            nic="e1000e", ssh=True) as g:
-        g.wait_for(BOOTED, 30)
+        g.wait_for(BOOTED, 90)
         g.wait_for(r"cloud-init datasource configdrive")
         g.wait_for(r"virtplane-guest: ip eth0 10\.0\.2\.15$")
         g.wait_for(r"configdrive-script-ran")
@@ -147,7 +147,7 @@ def test_kernel_boot_network_config_v2_static_on_sata_seed(
             "routes": [{"to": "default", "via": "10.0.2.2"}], "nameservers": {"addresses": ["10.0.2.3"]}}}})
     with guest.start_guest(tmp_path / "vm", boot="kernel", kernel=images.vmlinuz, initrd=images.initrd,
                            cmdline=images.kernel_cmdline, cidata=seed, cidata_bus="sata", ssh=True) as g:
-        g.wait_for(BOOTED, 30)
+        g.wait_for(BOOTED, 90)
         g.wait_for(r"virtplane-guest: ip eth0 10\.0\.2\.15$")
         out = g.ssh(key, "hostname; cat /run/virtplane/if.eth0/mode; ip route show default; cat /etc/resolv.conf")
         lines = out.stdout.splitlines()
@@ -170,7 +170,7 @@ def test_import_formats_boot_to_a_passwordless_console(
     # serial console without a password (the cloud-image default here).
     with guest.start_guest(tmp_path / "vm", image=images.out / artifact, nic=None,
                            virtio_console=False, qga=False) as g:
-        g.wait_for(BOOTED, 30)
+        g.wait_for(BOOTED, 90)
         g.wait_for(r"cloud-init no datasource")
         g.console_login("root")
         info = json.loads(g.console_run("echo \"{\\\"state\\\": \\\"$(cat /proc/mounts | grep -c vda2)\\\"}\""))
