@@ -1,0 +1,284 @@
+"""The pod network of a virt-launcher "pod" and KubeVirt's masquerade binding inside it.
+
+Per VMI: a network namespace `vp-<uid8>`; the node's CNI chain (default: bridge `vp0` + host-local IPAM from
+the node's pod CIDR) ADDed into it as eth0, which gives the pod IP; then, as KubeVirt's masquerade binding
+does inside virt-launcher: a bridge `k6t-eth0` (10.0.2.1/24) with a tap for QEMU, dnsmasq on that bridge
+handing the guest 10.0.2.2/24 (gateway 10.0.2.1), and nftables NAT — guest traffic leaving eth0 is
+masqueraded to the pod IP, connections to the pod IP on the interface's `ports` (all ports when there are
+none) are DNATed to the guest.
+
+What a teardown needs (the CNI config that was ADDed, the dnsmasq pid) is written to a state file per VMI,
+so DEL works after an agent restart too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import cni, netns
+
+log = logging.getLogger(__name__)
+
+POD_IFNAME = "eth0"
+BRIDGE = "k6t-eth0"
+TAP = "tap0"
+GATEWAY = "10.0.2.1"
+GUEST_IP = "10.0.2.2"
+PREFIX = 24
+
+
+class PodNetworkError(Exception):
+    """Setting up (or tearing down) a pod network failed; the message is meant for VMI status."""
+
+
+def netns_name(uid: str) -> str:
+    return f"vp-{uid.replace('-', '')[:8]}"
+
+
+def default_conflist(pod_cidr: str, state_dir: Path, bridge: str = "vp0") -> dict[str, Any]:
+    """bridge + host-local, like the reference CNI config of kubeadm clusters; the host side of the bridge is
+    the pods' gateway (isGateway), so the node reaches its pods directly."""
+    net = ipaddress.ip_network(pod_cidr, strict=True)
+    return {
+        "cniVersion": "1.0.0", "name": "virtplane-pod",
+        "plugins": [{
+            "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False, "hairpinMode": True,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": str(net)}]],
+                     "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(state_dir / "ipam")},
+        }],
+    }  # fmt: skip
+
+
+@dataclasses.dataclass(slots=True)
+class PodAttachment:
+    uid: str
+    netns: str
+    pod_ip: str
+    tap_fd: int | None  # owned by the caller: close it once QEMU has it
+
+
+def nft_rules(pod_ip: str, ports: Sequence[tuple[str, int]]) -> str:
+    """The masquerade binding's NAT (KubeVirt's virt-launcher rules, in nftables form)."""
+    if ports:
+        by_proto: dict[str, list[int]] = {}
+        for proto, port in ports:
+            by_proto.setdefault(proto.lower(), []).append(port)
+        dnat = "\n".join(
+            f'    iifname "{POD_IFNAME}" {proto} dport {{ {", ".join(str(p) for p in sorted(set(nums)))} }} '
+            f"dnat to {GUEST_IP}" for proto, nums in sorted(by_proto.items()))  # fmt: skip
+    else:
+        dnat = f'    iifname "{POD_IFNAME}" meta l4proto {{ tcp, udp, sctp }} dnat to {GUEST_IP}'
+    return f"""table ip virtplane_masq {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+{dnat}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {GUEST_IP} oifname "{POD_IFNAME}" masquerade
+  }}
+}}
+"""
+
+
+def interface_ports(iface: Mapping[str, Any]) -> list[tuple[str, int]]:
+    out = []
+    for p in iface.get("ports") or []:
+        out.append((str(p.get("protocol") or "TCP"), int(p["port"])))
+    return out
+
+
+class PodNetwork:
+    """One node's pod network: setup/teardown of a VMI's netns, CNI chain and masquerade binding."""
+
+    def __init__(self, state_dir: Path, *, conf_file: Path | None = None, pod_cidr: str = "10.244.0.0/24",
+                 cni_path: Sequence[Path] = cni.DEFAULT_CNI_PATH) -> None:  # fmt: skip
+        self.state_dir = state_dir
+        self.conf_file = conf_file
+        self.pod_cidr = pod_cidr
+        self.cni_path = tuple(cni_path)
+        self._ips: dict[str, str] = {}
+
+    def conflist(self) -> dict[str, Any]:
+        """The node's chain. A config file is re-read for every pod, as a kubelet re-reads /etc/cni/net.d:
+        an operator fixes a broken config without restarting the agent."""
+        if self.conf_file is None:
+            return cni.parse_config(default_conflist(self.pod_cidr, self.state_dir))
+        try:
+            raw = self.conf_file.read_text()
+        except OSError as err:
+            raise cni.CNIError(f"cannot read CNI config {self.conf_file}: {err.strerror}") from None
+        return cni.parse_config(raw)
+
+    def _state_file(self, uid: str) -> Path:
+        return self.state_dir / "pods" / f"{uid}.json"
+
+    def _save(self, uid: str, state: dict[str, Any]) -> None:
+        f = self._state_file(uid)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(f)
+
+    def pod_ip(self, uid: str) -> str | None:
+        """The pod IP of a set-up VMI (cached: asked on every status write)."""
+        if uid not in self._ips:
+            try:
+                ip = json.loads(self._state_file(uid).read_text()).get("podIP")
+            except (OSError, ValueError):
+                return None
+            if not ip:
+                return None
+            self._ips[uid] = ip
+        return self._ips[uid]
+
+    async def setup(self, uid: str, ports: Sequence[tuple[str, int]] = ()) -> PodAttachment:
+        """Everything or nothing: on any failure what was done is undone (CNI DEL, netns removed)."""
+        try:
+            conflist = self.conflist()
+        except cni.CNIError as err:
+            raise PodNetworkError(f"pod network: {err}") from None
+        ns = netns_name(uid)
+        inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)), ifname=POD_IFNAME)
+        state: dict[str, Any] = {"uid": uid, "netns": ns, "conflist": conflist}
+        # A leftover of an earlier attempt (agent killed mid-setup) is cleaned first: same uid, same names.
+        await self.teardown(uid)
+        self._save(uid, state)  # before anything exists, so a crash mid-setup can still be undone
+        fd: int | None = None
+        try:
+            await netns.add(ns)
+            await netns.run_in(ns, ["ip", "link", "set", "lo", "up"])
+            await _fix_bridge_macs(conflist)
+            result = await cni.add(conflist, inv, self.cni_path)
+            pod_ip = cni.result_ipv4(result, POD_IFNAME)
+            if pod_ip is None:
+                raise PodNetworkError(f"pod network: the CNI chain gave {POD_IFNAME} no IPv4 address")
+            state["podIP"] = pod_ip
+            state["result"] = result
+            self._save(uid, state)
+            state["dnsmasqPid"] = await self._masquerade(ns, uid, pod_ip, ports)
+            self._save(uid, state)
+            fd = await asyncio.to_thread(netns.open_tap, ns, TAP)
+        except (cni.CNIError, netns.NetnsError, PodNetworkError, OSError, ValueError) as err:
+            if fd is not None:
+                os.close(fd)
+            await self.teardown(uid)
+            msg = str(err)
+            raise PodNetworkError(msg if msg.startswith("pod network") else f"pod network: {msg}") from None
+        self._ips[uid] = pod_ip
+        return PodAttachment(uid=uid, netns=ns, pod_ip=pod_ip, tap_fd=fd)
+
+    async def _masquerade(self, ns: str, uid: str, pod_ip: str, ports: Sequence[tuple[str, int]]) -> int:
+        sh = netns.run_in
+        await sh(ns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        await sh(ns, ["ip", "link", "add", BRIDGE, "type", "bridge"])
+        await sh(ns, ["ip", "addr", "add", f"{GATEWAY}/{PREFIX}", "dev", BRIDGE])
+        await sh(ns, ["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])
+        await sh(ns, ["ip", "link", "set", TAP, "master", BRIDGE, "up"])
+        await sh(ns, ["ip", "link", "set", BRIDGE, "up"])
+        await sh(ns, ["nft", "-f", "-"], stdin=nft_rules(pod_ip, ports).encode())
+        return await self._start_dnsmasq(ns, uid)
+
+    async def _start_dnsmasq(self, ns: str, uid: str) -> int:
+        d = self.state_dir / "pods" / uid
+        d.mkdir(parents=True, exist_ok=True)
+        argv = netns.in_netns(ns, [
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--user=root", "--port=0",
+            f"--interface={BRIDGE}", "--bind-interfaces", "--except-interface=lo",
+            f"--dhcp-range={GUEST_IP},{GUEST_IP},255.255.255.0,infinite", f"--dhcp-option=option:router,{GATEWAY}",
+            "--dhcp-authoritative", f"--dhcp-leasefile={d / 'leases'}", f"--log-facility={d / 'dnsmasq.log'}",
+            "--log-dhcp",
+        ])  # fmt: skip
+        proc = await asyncio.to_thread(_spawn, argv, d / "dnsmasq.stderr")
+        await asyncio.sleep(0.2)
+        if proc.poll() is not None:
+            err = (d / "dnsmasq.stderr").read_text(errors="replace").strip()
+            raise PodNetworkError(f"pod network: dnsmasq exited ({proc.returncode}): {err}")
+        return proc.pid
+
+    async def teardown(self, uid: str) -> list[str]:
+        """Stop dnsmasq, CNI DEL (releases the IP), remove the netns. Idempotent; returns the errors."""
+        self._ips.pop(uid, None)
+        f = self._state_file(uid)
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return []
+        errors: list[str] = []
+        pid = state.get("dnsmasqPid")
+        if pid:
+            await asyncio.to_thread(_stop_pid, int(pid))
+        ns = state.get("netns") or netns_name(uid)
+        conflist = state.get("conflist")
+        if conflist:
+            inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
+                                 ifname=POD_IFNAME)  # fmt: skip
+            errors += await cni.delete(conflist, inv, self.cni_path, state.get("result"), quiet=True)
+        await netns.delete(ns)
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+        d = self.state_dir / "pods" / uid
+        for child in d.iterdir() if d.is_dir() else ():
+            child.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()
+        for e in errors:
+            log.warning("pod network teardown of %s: %s", uid, e)
+        return errors
+
+
+async def _fix_bridge_macs(conflist: Mapping[str, Any]) -> None:
+    """A Linux bridge whose last port left has the all-zero MAC; the bridge plugin (1.1.x) copies the bridge's
+    MAC back onto it when it adds the gateway address and fails with EINVAL ("could not set bridge's mac"), so
+    the first pod after the node's last pod went away (or after a failed ADD) could never start. Pin such a
+    bridge to a stable locally administered MAC derived from its name."""
+    for plugin in conflist.get("plugins") or []:
+        if plugin.get("type") != "bridge":
+            continue
+        name = str(plugin.get("bridge") or "cni0")
+        # sysfs: not real disk I/O. Missing: the plugin creates the bridge (with a proper MAC).
+        if _read_sys(f"/sys/class/net/{name}/address") == "00:00:00:00:00:00":
+            digest = hashlib.sha256(name.encode()).digest()
+            pinned = ":".join(f"{b:02x}" for b in (0x0A, 0x58, *digest[:4]))
+            await netns.run(["ip", "link", "set", name, "address", pinned])
+
+
+def _read_sys(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _spawn(argv: Sequence[str], stderr: Path) -> subprocess.Popen[bytes]:
+    # Its own session: it must outlive an agent restart, like QEMU (teardown stops it by pid).
+    with open(stderr, "ab") as err:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+
+
+def _stop_pid(pid: int) -> None:
+    """dnsmasq we started (its pid from our state file): SIGTERM, reaped if it is our child."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if b"dnsmasq" not in cmdline:
+        return  # the pid was reused by something else: not ours to stop
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
