@@ -28,7 +28,7 @@ from virtplane.hypervisor.errors import HypervisorError, InvalidSpecError, Missi
 from virtplane.hypervisor.machine import Machine, RunState
 from virtplane.hypervisor.runtime import RuntimeDir
 
-from . import network
+from . import hotplug, network
 from . import status as st
 from .vmiruntime import RuntimeMeta, VMIRuntime, runtime_dir_name
 from .volumes import VolumeError, VolumeNotReady, VolumeResolver
@@ -196,6 +196,13 @@ class VMIController:
             await asyncio.to_thread(lambda: VMIRuntime(path, RuntimeMeta("", *key)).remove_files())
         rt = VMIRuntime(path, RuntimeMeta(uid=meta["uid"], namespace=key[0], name=key[1]))
         rt.save()
+        # pod-network hook (virtplane.network, `virtplane node --pod-network cni`): netns, CNI ADD, masquerade
+        # binding before QEMU exists; undone on failure (and on delete, by network.teardown below).
+        try:
+            await network.prepare(vmi)
+        except network.NetworkSetupError as err:
+            await self._finish(key, vmi, rt, st.FAILED, f"cannot run this VMI: {err}", remove=True)
+            return None
         try:
             resolved = await self.resolver.resolve(vmi, rt.disks_dir)
             kernel_boot = await self.resolver.resolve_kernel_boot(vmi)
@@ -221,10 +228,12 @@ class VMIController:
         try:
             await machine.start(paused=paused)
         except HypervisorError as err:
+            network.release(meta["uid"])  # pod-network hook: our copy of the tap fd
             reason = machine.reason or str(err)
             log.warning("QEMU of %s/%s did not start: %s", *key, reason)
             await self._finish(key, vmi, rt, st.FAILED, f"QEMU failed to start: {reason}")
             return None
+        network.release(meta["uid"])  # pod-network hook: QEMU holds the tap fd now
         rt.meta.started_at = st.now_rfc3339()
         rt.meta.paused_by_user = paused
         rt.save()
@@ -281,14 +290,18 @@ class VMIController:
 
         def mutate(obj: JSON) -> None:
             self._running_status(obj, rt)
+            hotplug.apply_status(obj, rt)  # hotplug hook: hotplugged volumes' phases
 
+        # hotplug hook (virtplane.node.hotplug): QEMU's disks follow the VMI's hotpluggable volumes
+        await hotplug.reconcile(self.resolver, vmi, rt, lambda: self._write_vmi(key, mutate))
         written = await self._write_vmi(key, mutate)
         if written is not None and not was_running:
             await self.recorder.event(written, "Normal", "Started", "VirtualMachineInstance started.")
         pod = self._launcher_pod(vmi)
         if pod is not None:
+            pod_ip = network.pod_ip(rt.meta.uid) or self.node_ip  # pod-network hook
             await self._write_pod(pod, lambda old: st.launcher_pod_status(
-                old, phase="Running", host_ip=self.node_ip, pod_ip=self.node_ip, started_at=rt.meta.started_at))
+                old, phase="Running", host_ip=self.node_ip, pod_ip=pod_ip, started_at=rt.meta.started_at))
         return RESYNC_SECONDS
 
     @staticmethod
@@ -337,7 +350,10 @@ class VMIController:
         else:
             conds = st.remove_condition(conds, st.COND_SOFTWARE_EMULATION)
         s["conditions"] = conds
-        s["interfaces"] = st.interfaces_status(obj, rt.agent.interfaces if rt.agent.connected else None)
+        # pod-network hook: as in KubeVirt, a masquerade interface reports the pod IP when there is one
+        pod_ip = network.pod_ip(rt.meta.uid)
+        s["interfaces"] = st.interfaces_status(obj, rt.agent.interfaces if rt.agent.connected else None,
+                                               **({"masquerade_ip": pod_ip} if pod_ip else {}))  # fmt: skip
         osinfo = st.guest_os_info(rt.agent.osinfo) if rt.agent.connected else {}
         if osinfo:
             s["guestOSInfo"] = osinfo
@@ -434,6 +450,7 @@ class VMIController:
         phase = st.FAILED if failed else st.SUCCEEDED
         reason = rt.machine.reason if rt is not None and rt.machine is not None else "deleted"
         await self._finish(key, vmi, rt, phase, reason or "deleted")
+        await network.teardown(vmi["metadata"].get("uid", ""))  # pod-network hook: CNI DEL, netns removed
         if rt is not None:
             await rt.close()
             self.runtimes.pop(key, None)
@@ -452,6 +469,7 @@ class VMIController:
         if rt.alive and rt.machine is not None:
             with contextlib.suppress(HypervisorError, TimeoutError):
                 await rt.machine.kill()
+        await network.teardown(rt.meta.uid)  # pod-network hook
         await rt.close()
         self.runtimes.pop(rt.key, None)
         await asyncio.to_thread(rt.remove_files)
