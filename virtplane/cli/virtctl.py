@@ -49,7 +49,6 @@ VMIRS = rest.GVR("kubevirt.io", "v1", "virtualmachineinstancereplicasets")
 SERVICES = rest.GVR("", "v1", "services")
 SUBRESOURCES = "/apis/subresources.kubevirt.io/v1"
 PLAIN = "plain.kubevirt.io"
-STORAGE_LATER = "not available yet: comes with the storage work"
 RUN_STRATEGIES = ("Always", "Manual", "Halted", "Once", "RerunOnFailure")
 FINAL_PHASES = ("Succeeded", "Failed")
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -991,7 +990,7 @@ async def _wait_succeeded(client: rest.Client, ns: str, name: str, timeout: floa
 
 
 async def cmd_image_upload(args: argparse.Namespace, ctx: Context) -> int:
-    path = _check_upload_args(args)
+    path = Path(args.image_path)
     async with ctx.client() as client:
         await _upload_volume(args, ctx, client)
         await _wait_upload_ready(client, ctx.namespace, args.name, float(args.wait_secs))
@@ -1002,6 +1001,44 @@ async def cmd_image_upload(args: argparse.Namespace, ctx: Context) -> int:
               "without interrupting the progress", file=sys.stderr)
         await _wait_succeeded(client, ctx.namespace, args.name, float(args.wait_secs))
     print(f"Processing completed successfully\nUploading {path} completed successfully")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- hotplug
+
+
+async def cmd_addvolume(args: argparse.Namespace, ctx: Context) -> int:
+    """KubeVirt's `virtctl addvolume`: a DataVolume of that name is used as one, otherwise the PVC."""
+    async with ctx.client() as client:
+        try:
+            await client.get(DATAVOLUMES, args.volume_name, ctx.namespace)
+            source: JSON = {"dataVolume": {"name": args.volume_name, "hotpluggable": True}}
+        except rest.NotFound:
+            try:
+                await client.get(PVCS, args.volume_name, ctx.namespace)
+            except rest.NotFound as exc:
+                raise CLIError(f"volume {args.volume_name} not found: no DataVolume or PVC of that name in "
+                               f"{ctx.namespace}") from exc
+            source = {"persistentVolumeClaim": {"claimName": args.volume_name, "hotpluggable": True}}
+        disk_kind = "lun" if args.disk_type == "lun" else "disk"
+        disk: JSON = {"name": args.volume_name, disk_kind: {"bus": args.bus}}
+        if args.serial:
+            disk["serial"] = args.serial
+        if args.cache:
+            disk["cache"] = args.cache
+        body = {"name": args.volume_name, "disk": disk, "volumeSource": source, **dry_run_body(args)}
+        plural = "virtualmachines" if args.persist else "virtualmachineinstances"
+        await client.request("PUT", ctx.sub(plural, args.name, "addvolume"), body=body)
+    print(f"Successfully submitted add volume request to VM {args.name} for volume {args.volume_name}")
+    return 0
+
+
+async def cmd_removevolume(args: argparse.Namespace, ctx: Context) -> int:
+    plural = "virtualmachines" if args.persist else "virtualmachineinstances"
+    async with ctx.client() as client:
+        await client.request("PUT", ctx.sub(plural, args.name, "removevolume"),
+                             body={"name": args.volume_name, **dry_run_body(args)})
+    print(f"Successfully submitted remove volume request to VM {args.name} for volume {args.volume_name}")
     return 0
 
 
@@ -1607,14 +1644,22 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "--insecure", dest="insecure", help="do not verify the upload proxy's TLS certificate")
     _bool_flag(p, "--no-create", dest="no_create", help="the volume must exist already")
     _bool_flag(p, "--force-bind", dest="force_bind", help="bind a WaitForFirstConsumer volume right away")
-    for name in ("addvolume", "removevolume"):
-        p = verb(name, STORAGE_LATER, cmd_not_yet, needs_cluster=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = verb("addvolume", "hot-plug a DataVolume or PVC into a running VMI (--persist: into the VM too)",
+             cmd_addvolume)
+    p.add_argument("name", metavar="VMI")
+    p.add_argument("--volume-name", dest="volume_name", required=True, help="the DataVolume or PVC to add")
+    p.add_argument("--serial", default="", help="the disk's serial number, as the guest sees it")
+    p.add_argument("--bus", default="scsi", help="scsi (default) or virtio")
+    p.add_argument("--disk-type", dest="disk_type", default="disk", help="disk (default) or lun")
+    p.add_argument("--cache", default="", help="none, writethrough or writeback")
+    _bool_flag(p, "--persist", dest="persist", help="also add the volume to the VM's spec (survives restarts)")
+    _bool_flag(p, "--dry-run", dest="dry_run", help="validate only, change nothing")
+    p = verb("removevolume", "hot-unplug a volume from a running VMI (--persist: from the VM too)", cmd_removevolume)
+    p.add_argument("name", metavar="VMI")
+    p.add_argument("--volume-name", dest="volume_name", required=True, help="the volume to remove")
+    _bool_flag(p, "--persist", dest="persist", help="also remove the volume from the VM's spec")
+    _bool_flag(p, "--dry-run", dest="dry_run", help="validate only, change nothing")
     return parser
-
-
-async def cmd_not_yet(args: argparse.Namespace, ctx: Context | None) -> int:
-    raise CLIError(f"{args.verb}: {STORAGE_LATER}")
 
 
 def _finish_create_args(args: argparse.Namespace) -> None:
@@ -1653,6 +1698,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "create":
             _finish_create_args(args)
+        if args.verb == "image-upload":
+            _check_upload_args(args)  # bad usage is reported before any kubeconfig is read
         return asyncio.run(_run(args))
     except CLIError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)

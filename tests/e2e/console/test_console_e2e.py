@@ -261,7 +261,7 @@ async def test_clear_errors(stack: Stack, tmp_path: Path) -> None:
         (("console", "stopped"), "Error: VMI is not running (phase Succeeded)"),
         (("port-forward", "--stdio=true", "vmi/stopped", "22"), "Error: VMI is not running"),
         (("addvolume", VMI_NAME, "--volume-name=x"),
-         "Error: addvolume: not available yet: comes with the storage work"),
+         f"Error: volume x not found: no DataVolume or PVC of that name in {NAMESPACE}"),
     ]
     for args, message in cases:
         res = await stack.virtctl(*args)

@@ -241,7 +241,7 @@ def test_create_vm_flag_errors(flags: tuple[str, ...], message: str) -> None:
 
 def test_exit_codes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert virtctl.main(["image-upload", "dv", "foo", "--image-path=x"]) == 1
-    assert capsys.readouterr().err == "Error: image-upload: not available yet: comes with the storage work\n"
+    assert capsys.readouterr().err == "Error: image-upload: cannot read x: no such file\n"
     with pytest.raises(SystemExit) as usage:
         virtctl.main(["console"])
     assert usage.value.code == 2
