@@ -28,7 +28,7 @@ from virtplane.hypervisor.errors import HypervisorError, InvalidSpecError, Missi
 from virtplane.hypervisor.machine import Machine, RunState
 from virtplane.hypervisor.runtime import RuntimeDir
 
-from . import hotplug, network
+from . import network
 from . import status as st
 from .vmiruntime import RuntimeMeta, VMIRuntime, runtime_dir_name
 from .volumes import VolumeError, VolumeNotReady, VolumeResolver
@@ -290,10 +290,7 @@ class VMIController:
 
         def mutate(obj: JSON) -> None:
             self._running_status(obj, rt)
-            hotplug.apply_status(obj, rt)  # hotplug hook: hotplugged volumes' phases
 
-        # hotplug hook (virtplane.node.hotplug): QEMU's disks follow the VMI's hotpluggable volumes
-        await hotplug.reconcile(self.resolver, vmi, rt, lambda: self._write_vmi(key, mutate))
         written = await self._write_vmi(key, mutate)
         if written is not None and not was_running:
             await self.recorder.event(written, "Normal", "Started", "VirtualMachineInstance started.")
