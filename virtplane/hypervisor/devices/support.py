@@ -150,7 +150,9 @@ DOMAIN: Schema = {
     },
     "machine": {"type": LEAF},
     "firmware": {
-        "bootloader": {"bios": {"useSerial": LEAF}, "efi": {"secureBoot": LEAF, "persistent": LEAF}},
+        "bootloader": {"bios": {"useSerial": LEAF}, "efi": {"secureBoot": LEAF, "persistent": Unsupported(
+            "efi.persistent (UEFI variables kept across restarts) is not supported yet: the node agent does not "
+            "keep the variables file beyond the VMI")}},
         "kernelBoot": {
             "kernelArgs": LEAF,
             "container": {
