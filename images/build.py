@@ -76,6 +76,8 @@ OOT_MODULES = {
     },
 }
 
+OOT_KCFLAGS = "-fmacro-prefix-map={cache}/= -ffile-prefix-map={cache}/="
+
 DISK_SIZE_MIB = 128
 ESP_LABEL = "VPBOOT"
 STATE_LABEL = "vpstate"
@@ -231,7 +233,7 @@ def build_oot_modules(inputs: Inputs) -> dict[str, Path]:
     dest = CACHE / f"oot-{kver}"
     kos = {p.stem: p for p in dest.glob("*.ko")}
     stamp = dest / ".built"
-    want = json.dumps(OOT_MODULES, sort_keys=True)
+    want = json.dumps({"modules": OOT_MODULES, "kcflags": OOT_KCFLAGS}, sort_keys=True)
     if stamp.exists() and stamp.read_text() == want:
         return kos
     log(f"building {', '.join(OOT_MODULES)} for {kver} from linux-source")
@@ -286,7 +288,10 @@ def build_oot_modules(inputs: Inputs) -> dict[str, Path]:
             else:
                 shutil.copy2(src, bdir)
         (bdir / "Kbuild").write_text(spec["kbuild"])
-        run("make", "-s", "-C", kdir, f"M={bdir}", f"-j{os.cpu_count() or 1}", "modules")
+        # __FILE__ of an external module is its absolute path; mapping the cache
+        # prefix away keeps the .ko (and so every image) identical across checkouts.
+        kcflags = OOT_KCFLAGS.format(cache=CACHE)
+        run("make", "-s", "-C", kdir, f"M={bdir}", f"-j{os.cpu_count() or 1}", f"KCFLAGS={kcflags}", "modules")
         for ko in bdir.glob("*.ko"):
             shutil.copy2(ko, dest / ko.name)
             # Debug info is most of an out-of-tree .ko's size.
