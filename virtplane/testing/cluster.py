@@ -115,6 +115,14 @@ class Cluster:
         return proc
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        """Stop the cluster process; for `up`, also the VMs its node agents started (they outlive agents
+        by design, and a test run must not leave QEMUs running into the next test)."""
+        code = self._stop_process(sig, timeout)
+        if self.command == "up":
+            self.stop_vms()
+        return code
+
+    def _stop_process(self, sig: int, timeout: float) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -135,3 +143,22 @@ class Cluster:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def stop_vms(self) -> int:
+        """Kill every QEMU this cluster's node agents started (VMs outlive their agents by design).
+
+        Each VM's runtime dir holds its pid; the pid is only trusted while that process's command
+        line still names the runtime dir, so a recycled pid is never hit. Returns how many were killed.
+        """
+        killed = 0
+        for pid_file in self.data_dir.glob("nodes/*/runtime/*/pid"):
+            try:
+                pid = int(pid_file.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            if str(pid_file.parent) in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+        return killed
