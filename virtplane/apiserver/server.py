@@ -49,6 +49,8 @@ class ServerConfig:
     tls_key: Path | None = None
     token_file: Path | None = None
     advertise_address: str = ""  # host:port clients use, for discovery's serverAddressByClientCIDRs
+    # more addresses on the same port: the cluster bridge, where node agents in their own netns reach us
+    extra_hosts: tuple[str, ...] = ()
 
 
 class APIServer:
@@ -131,6 +133,10 @@ class APIServer:
         server = site._server
         if server is not None and server.sockets:  # type: ignore[attr-defined]
             self.bound_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        for host in self.config.extra_hosts:
+            extra = web.TCPSite(self._runner, host, self.bound_port, ssl_context=ssl_ctx, reuse_address=True,
+                                backlog=1024)
+            await extra.start()
         self._ready.set()
         log.info("API server listening", extra={"host": self.config.host, "port": self.bound_port})
 

@@ -18,6 +18,7 @@ from virtplane.apiserver import auth, pki, server
 from virtplane.cli import demo, nodes
 from virtplane.client import rest
 from virtplane.controllers import manager
+from virtplane.network.nodenet import ClusterNetwork
 from virtplane.storage import registry
 from virtplane.store import open_store
 from virtplane.store.interface import StoreError
@@ -66,10 +67,11 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def prepare_apiserver(args: argparse.Namespace) -> tuple[server.APIServer, pki.ServingCert, str]:
+def prepare_apiserver(args: argparse.Namespace, extra_hosts: tuple[str, ...] = ()
+                      ) -> tuple[server.APIServer, pki.ServingCert, str]:  # fmt: skip
     data: Path = args.data_dir.expanduser().resolve()
     data.mkdir(parents=True, exist_ok=True)
-    sans = list(args.tls_san)
+    sans = [*args.tls_san, *extra_hosts]
     if args.bind_address not in ("0.0.0.0", "::"):
         sans.append(args.bind_address)
     certs = pki.ensure_pki(data / "pki", sans)
@@ -80,12 +82,19 @@ def prepare_apiserver(args: argparse.Namespace) -> tuple[server.APIServer, pki.S
         nodes.prepare_node_token(data, i)
     store_url = args.store or f"sqlite://{data / 'state.db'}"
     cfg = server.ServerConfig(host=args.bind_address, port=args.port, tls_cert=certs.cert, tls_key=certs.key,
-                              token_file=token_file)
+                              token_file=token_file, extra_hosts=extra_hosts)
     return server.APIServer(open_store(store_url), cfg), certs, token
 
 
 async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> int:
-    api, certs, token = prepare_apiserver(args)
+    nodenet: ClusterNetwork | None = None
+    if with_controllers and getattr(args, "node_netns", False) and args.nodes > 0:
+        # before the API server: it also listens on the bridge, and its certificate names that address
+        data_dir: Path = args.data_dir.expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - start-up, before anything else runs
+        nodenet = await ClusterNetwork.for_data_dir(data_dir).setup_bridge()
+        nodenet.save(data_dir)
+    api, certs, token = prepare_apiserver(args, (nodenet.gateway,) if nodenet else ())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -117,8 +126,16 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
                                          storage_root=data / "storage")
         await ctrl.start()
         for i in range(1, args.nodes + 1):
-            name, node_dir, node_kubeconfig = nodes.prepare_node(data, i, url, certs.ca_cert)
-            agent = nodes.NodeAgentProcess(name, node_dir, node_kubeconfig)
+            if nodenet is None:
+                name, node_dir, node_kubeconfig = nodes.prepare_node(data, i, url, certs.ca_cert)
+                agent = nodes.NodeAgentProcess(name, node_dir, node_kubeconfig)
+            else:
+                ns, address = await nodenet.add_node(i)
+                node_url = f"https://{nodenet.gateway}:{api.bound_port}"
+                name, node_dir, node_kubeconfig = nodes.prepare_node(data, i, node_url, certs.ca_cert)
+                # registries on the host's bridge address speak plain HTTP, as loopback ones do
+                agent = nodes.NodeAgentProcess(name, node_dir, node_kubeconfig, netns=ns, extra_args=(
+                    "--address", address, "--insecure-registry", nodenet.gateway))
             agent.start()
             agents.append(agent)
     log.info("virtplane is up", extra={"server": url, "kubeconfig": str(kubeconfig),
@@ -212,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="run the all-in-one cluster in the foreground")
     add_server_flags(up)
     up.add_argument("--nodes", type=int, default=1, help="number of node agents")
+    up.add_argument("--node-netns", action="store_true",
+                    help="each node agent in its own network namespace on a bridge the cluster creates (root); "
+                         "the namespaces stay when `up` exits (its VMs keep running in them)")
     up.add_argument("--demo", action="store_true", help="also create a demo VirtualMachine")
     up.add_argument("--registry-port", type=int, default=5000,
                     help="port of the cluster's image registry on 127.0.0.1 (0: none)")

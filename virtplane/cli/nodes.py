@@ -24,8 +24,10 @@ def node_name(index: int) -> str:
 
 
 class NodeAgentProcess:
-    def __init__(self, name: str, data_dir: Path, kubeconfig: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, data_dir: Path, kubeconfig: Path, extra_args: tuple[str, ...] = (),
+                 netns: str | None = None) -> None:  # fmt: skip
         self.name = name
+        self.netns = netns
         self.data_dir = data_dir
         self.kubeconfig = kubeconfig
         self.extra_args = extra_args
@@ -34,7 +36,9 @@ class NodeAgentProcess:
         self._stopping = False
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "virtplane.cli.main", "node", "--kubeconfig", str(self.kubeconfig),
+        # nsenter execs the agent (no intermediate process): the pid we record is the agent's
+        prefix = ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
+        return [*prefix, sys.executable, "-m", "virtplane.cli.main", "node", "--kubeconfig", str(self.kubeconfig),
                 "--name", self.name, "--data-dir", str(self.data_dir), *self.extra_args]
 
     async def _spawn(self) -> None:

@@ -31,9 +31,14 @@ def free_port() -> int:
 
 class Cluster:
     def __init__(self, data_dir: Path, *, command: str = "up", extra_args: tuple[str, ...] = (),
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, nodes: int | None = None) -> None:
+        """`nodes`: run that many node agents, each in its own network namespace (`--node-netns`, root);
+        stop() removes the cluster's namespaces, veths and bridge."""
         self.data_dir = data_dir
         self.command = command
+        self.nodes = nodes
+        if nodes is not None:
+            extra_args = ("--nodes", str(nodes), "--node-netns", *extra_args)
         self.extra_args = extra_args
         self.log_path = log_path or data_dir / f"{command}.log"
         self.port = free_port()  # fixed across restarts, so clients and kubeconfigs stay valid
@@ -120,7 +125,28 @@ class Cluster:
         code = self._stop_process(sig, timeout)
         if self.command == "up":
             self.stop_vms()
+        if self.nodes is not None:
+            self.remove_node_network()
         return code
+
+    def node_network(self) -> dict[str, str]:
+        """DATA/nodenet.json: tag, subnet, bridge, gateway (the host's address on the cluster bridge)."""
+        import json
+
+        return dict(json.loads((self.data_dir / "nodenet.json").read_text()))
+
+    def remove_node_network(self) -> None:
+        import asyncio
+        import ipaddress
+
+        from virtplane.network.nodenet import ClusterNetwork
+
+        try:
+            saved = self.node_network()
+        except FileNotFoundError:
+            return
+        net = ClusterNetwork(saved["tag"], ipaddress.IPv4Network(saved["subnet"]))
+        asyncio.run(net.teardown(max_nodes=max(self.nodes or 0, 8)))
 
     def _stop_process(self, sig: int, timeout: float) -> int | None:
         if self.proc is None:

@@ -576,9 +576,9 @@ class Registry:
         self.stop()
 
 
-def start_registry(workdir: Path, timeout: float = 30.0) -> Registry:
+def start_registry(workdir: Path, timeout: float = 30.0, host: str = "127.0.0.1") -> Registry:
     """Runs ``docker-registry serve`` with filesystem storage in workdir on a free
-    127.0.0.1 port and waits until /v2/ answers."""
+    port of `host` (default 127.0.0.1) and waits until /v2/ answers."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     storage = workdir / "storage"
@@ -588,13 +588,13 @@ def start_registry(workdir: Path, timeout: float = 30.0) -> Registry:
         "version: 0.1\n"
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: {host}:{port}\n"
     )
     log = (workdir / "registry.log").open("wb")
     proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(config)], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
-    reg = Registry(proc=proc, host=f"127.0.0.1:{port}", root=workdir)
+    reg = Registry(proc=proc, host=f"{host}:{port}", root=workdir)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -661,10 +661,10 @@ def push_oci_layout(registry: str, layout: Path, repository: str, tag: str = "la
 
 @contextlib.contextmanager
 def registry_with_containerdisk(workdir: Path, repository: str = "virtplane/tiny",
-                                tag: str = "latest") -> Iterator[tuple[Registry, str]]:
+                                tag: str = "latest", host: str = "127.0.0.1") -> Iterator[tuple[Registry, str]]:
     """A running registry holding the tiny containerDisk; yields (registry, image ref)."""
     paths = image_paths()
-    with start_registry(workdir) as reg:
+    with start_registry(workdir, host=host) as reg:
         push_oci_layout(reg.host, paths.containerdisk_oci, repository, tag)
         yield reg, f"{reg.host}/{repository}:{tag}"
 
