@@ -57,7 +57,7 @@ async def ensure_proxy_secret(server: APIServer) -> None:
             raise
 
 
-async def _read_options(req: handlers.SubresourceRequest) -> JSON:
+async def read_options(req: handlers.SubresourceRequest) -> JSON:
     if not req.request.can_read_body:
         return {}
     raw = await req.request.read()
@@ -87,7 +87,7 @@ async def _vm_action(req: handlers.SubresourceRequest) -> web.StreamResponse:
     if req.request.method != "PUT":
         raise errors.StatusError(405, f"{req.subresource} takes PUT")
     srv, res, ns, name, action = req.server, req.resource, req.namespace, req.name, req.subresource
-    options = await _read_options(req)
+    options = await read_options(req)
     dry_run = bool(options.get("dryRun")) or "dryRun" in req.request.query
     vm = await srv.objects.get(res, ns, name)
     vmi_res = srv.registry.lookup("kubevirt.io", "v1", "virtualmachineinstances")

@@ -23,6 +23,7 @@ from virtplane.apiserver import (
     discovery,
     errors,
     handlers,
+    hotplug,
     kubevirt,
     metrics,
     objects,
@@ -75,6 +76,7 @@ class APIServer:
         self.watch_tasks: set[asyncio.Task[Any]] = set()  # open watch streams, ended on shutdown
         self.bound_port: int = 0
         kubevirt.register(self)
+        hotplug.register(self)
         upload.register(self)
         consoles.register(self)
 

@@ -35,6 +35,7 @@ import time
 import uuid
 from typing import Any
 
+from virtplane.api import hotplug
 from virtplane.client import events, informer, rest
 from virtplane.controllers import vmi as vmi_ctrl
 
@@ -56,6 +57,9 @@ API_VERSION = "v1"
 METADATA_HASH_ANNOTATION = "virtplane.io/vm-template-metadata-hash"
 SPEC_HASH_ANNOTATION = "virtplane.io/vm-template-spec-hash"
 IMMEDIATE_DV_ANNOTATION = "kubevirt.io/immediate-data-volume-creation"
+# The hotpluggable volumes a VMI got from its VM's template (JSON list): only these follow the template, so a
+# volume hotplugged into the VMI alone (not persisted) is not unplugged for being absent from the template.
+HOTPLUG_ANNOTATION = "virtplane.io/vm-hotplug-volumes"
 # With KubeVirt's default LiveUpdate rollout these follow a running VMI without a restart.
 LIVE_UPDATABLE = ("nodeSelector", "affinity", "tolerations")
 RESTART_REQUIRED_MESSAGE = "a non-live-updatable field was changed in the template spec"
@@ -360,7 +364,7 @@ def template_metadata_hash(vm: JSON) -> str:
 
 def template_spec_hash(vm: JSON) -> str:
     """The template spec without what a running VMI can follow live."""
-    spec = dict((((vm.get("spec") or {}).get("template") or {}).get("spec")) or {})
+    spec = hotplug.without_hotplug((((vm.get("spec") or {}).get("template") or {}).get("spec")) or {})
     for k in LIVE_UPDATABLE:
         spec.pop(k, None)
     return _hash(spec)
@@ -406,6 +410,7 @@ def vmi_from_vm(vm: JSON) -> JSON:
                    GENERATION_ANNOTATION: str(meta.get("generation", 1)),
                    METADATA_HASH_ANNOTATION: template_metadata_hash(vm),
                    SPEC_HASH_ANNOTATION: template_spec_hash(vm),
+                   HOTPLUG_ANNOTATION: json.dumps(hotplug.hotplug_volume_names(spec)),
                    LATEST_API_ANNOTATION: API_VERSION, STORAGE_API_ANNOTATION: API_VERSION}
     return {
         "apiVersion": "kubevirt.io/v1",
@@ -420,6 +425,48 @@ def vmi_from_vm(vm: JSON) -> JSON:
         },
         "spec": spec,
     }
+
+
+def _hotplug_ops(tspec: JSON, vmi: JSON) -> list[JSON]:
+    """JSON patch ops that bring the VMI's hotplugged volumes in line with the template's: add the template's
+    hotpluggable volumes the VMI lacks, remove those the VMI got from the template that the template dropped."""
+    vspec = copy.deepcopy(vmi.get("spec") or {})
+    annotations = vmi["metadata"].get("annotations") or {}
+    try:
+        synced = [str(n) for n in json.loads(annotations.get(HOTPLUG_ANNOTATION) or "[]")]
+    except ValueError:
+        synced = []
+    wanted = hotplug.hotplug_volume_names(tspec)
+    present = {v.get("name") for v in vspec.get("volumes") or []}
+    changed = False
+    for name in wanted:
+        pair = hotplug.volume_and_disk(tspec, name)
+        if name in present or pair is None:
+            continue
+        try:
+            hotplug.add_volume(vspec, *copy.deepcopy(pair))
+        except hotplug.HotplugRequestError:
+            continue  # its claim is already used by another volume of the VMI: nothing to add
+        changed = True
+    for name in synced:
+        if name not in wanted and name in present:
+            try:
+                hotplug.remove_volume(vspec, name)
+                changed = True
+            except hotplug.HotplugRequestError:
+                pass
+    new_synced = [n for n in wanted if n in {v.get("name") for v in vspec.get("volumes") or []}]
+    ops: list[JSON] = []
+    if changed:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": vspec.get("volumes") or []})
+        ops.append({"op": "add", "path": "/spec/domain/devices/disks",
+                    "value": ((vspec.get("domain") or {}).get("devices") or {}).get("disks") or []})
+    if changed or new_synced != synced:
+        if not annotations:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+        ops.append({"op": "add", "path": "/metadata/annotations/" + HOTPLUG_ANNOTATION.replace("/", "~1"),
+                    "value": json.dumps(new_synced)})
+    return ops
 
 
 def _legacy_firmware_uuid(name: str) -> str:
@@ -746,7 +793,8 @@ class VMController:
         return ready
 
     async def _live_update(self, vm: JSON, vmi: JSON) -> None:
-        """LiveUpdate rollout for scheduling constraints: the VMI follows nodeSelector/affinity/tolerations."""
+        """LiveUpdate rollout: the VMI follows nodeSelector/affinity/tolerations and the template's hotpluggable
+        volumes (declarative hotplug; the node agent attaches and detaches the disks)."""
         if is_deleted(vmi) or is_final(vmi) or restart_required(vm, vmi) or "resourceVersion" not in vmi["metadata"]:
             return
         tspec = ((vm.get("spec") or {}).get("template") or {}).get("spec") or {}
@@ -759,6 +807,7 @@ class VMController:
                 ops.append({"op": "remove", "path": f"/spec/{k}"})
             else:
                 ops.append({"op": "add", "path": f"/spec/{k}", "value": tspec[k]})
+        ops += _hotplug_ops(tspec, vmi)
         if not ops:
             return
         ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": vmi["metadata"]["resourceVersion"]})

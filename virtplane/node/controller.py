@@ -28,7 +28,7 @@ from virtplane.hypervisor.errors import HypervisorError, InvalidSpecError, Missi
 from virtplane.hypervisor.machine import Machine, RunState
 from virtplane.hypervisor.runtime import RuntimeDir
 
-from . import network
+from . import hotplug, network
 from . import status as st
 from .vmiruntime import RuntimeMeta, VMIRuntime, runtime_dir_name
 from .volumes import VolumeError, VolumeNotReady, VolumeResolver
@@ -220,6 +220,7 @@ class VMIController:
             return await self._not_ready(key, vmi, st.REASON_SYNC_FAILED, str(err))
         self._not_ready_attempts.pop(key, None)
         rt.meta.volume_extra = resolved.status_extra
+        hotplug.record_boot(rt.meta, vmi)  # hotplug hook: hotpluggable volumes attached at boot
         rt.machine = machine
         machine.add_state_listener(self._listener(key))
         self.runtimes[key] = rt
@@ -287,9 +288,12 @@ class VMIController:
             rt.meta.paused_by_user = False
             rt.save()
         was_running = (vmi.get("status") or {}).get("phase") == st.RUNNING
+        # hotplug hook (virtplane.node.hotplug): QEMU's disks follow the VMI's hotpluggable volumes
+        hotplug_retry = await hotplug.reconcile(self.resolver, vmi, rt, self.recorder)
 
         def mutate(obj: JSON) -> None:
             self._running_status(obj, rt)
+            hotplug.apply_status(obj, rt)  # hotplug hook: hotplugged volumes' phases
 
         written = await self._write_vmi(key, mutate)
         if written is not None and not was_running:
@@ -299,7 +303,7 @@ class VMIController:
             pod_ip = network.pod_ip(rt.meta.uid) or self.node_ip  # pod-network hook
             await self._write_pod(pod, lambda old: st.launcher_pod_status(
                 old, phase="Running", host_ip=self.node_ip, pod_ip=pod_ip, started_at=rt.meta.started_at))
-        return RESYNC_SECONDS
+        return min(RESYNC_SECONDS, hotplug_retry or RESYNC_SECONDS)
 
     @staticmethod
     def _crash_reason(rt: VMIRuntime) -> str:

@@ -65,6 +65,8 @@ class RuntimeMeta:
     frozen: bool = False
     volume_extra: dict[str, JSON] = dataclasses.field(default_factory=dict)
     reported_final: str = ""  # the final phase already written, so a restart does not repeat events
+    # Hotpluggable volumes QEMU has (or is getting): name → {phase, reason, message} (virtplane.node.hotplug)
+    hotplug: dict[str, JSON] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> JSON:
         return dataclasses.asdict(self)

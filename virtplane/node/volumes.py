@@ -147,6 +147,12 @@ class VolumeResolver:
                 extra[name] = info
         return ResolvedVolumes(out, extra)
 
+    async def resolve_volume(self, vmi: Mapping[str, Any], vol: Mapping[str, Any], disk_dir: Path,
+                             field: str = "spec.volumes[]") -> tuple[ResolvedVolume, JSON]:  # fmt: skip
+        """One volume (a hotplugged one): the file QEMU opens and its status.volumeStatus additions."""
+        _mkdir(disk_dir)
+        return await self._resolve_one(vmi, vol, field, disk_dir, supports_direct_io(disk_dir))
+
     async def resolve_kernel_boot(self, vmi: Mapping[str, Any]) -> KernelBootFiles | None:
         """`spec.domain.firmware.kernelBoot.container`: its kernel and initrd as host files, or None.
 

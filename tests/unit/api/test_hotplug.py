@@ -1,0 +1,84 @@
+"""AddVolumeOptions / RemoveVolumeOptions applied to specs (virtplane.api.hotplug), and the VM controller's
+declarative-hotplug patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from virtplane.api import hotplug
+from virtplane.controllers import virtualmachine as vmc
+
+
+def spec() -> dict:
+    return {"domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]}},
+            "volumes": [{"name": "root", "containerDisk": {"image": "x"}}]}
+
+
+def test_parse_add_defaults_scsi_and_marks_hotpluggable() -> None:
+    vol, disk = hotplug.parse_add({"name": "d", "disk": {"disk": {}},
+                                   "volumeSource": {"dataVolume": {"name": "dv1"}}})
+    assert vol == {"name": "d", "dataVolume": {"name": "dv1", "hotpluggable": True}}
+    assert disk == {"name": "d", "disk": {"bus": "scsi"}}
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "name"),
+    ({"name": "d"}, "disk"),
+    ({"name": "d", "disk": {}}, "volumeSource"),
+    ({"name": "d", "disk": {}, "volumeSource": {"containerDisk": {"image": "x"}}}, "volumeSource"),
+    ({"name": "d", "disk": {"disk": {"bus": "sata"}}, "volumeSource": {"persistentVolumeClaim": {"claimName": "c"}}},
+     "disk.disk.bus"),
+    ({"name": "d", "disk": {}, "volumeSource": {"persistentVolumeClaim": {}}},
+     "volumeSource.persistentVolumeClaim.claimName"),
+])
+def test_parse_add_rejects(body: dict, field: str) -> None:
+    with pytest.raises(hotplug.HotplugRequestError) as exc:
+        hotplug.parse_add(body)
+    assert exc.value.field == field and not exc.value.conflict
+
+
+def test_add_remove_and_conflicts() -> None:
+    s = spec()
+    vol, disk = hotplug.parse_add({"name": "d", "disk": {}, "volumeSource": {"dataVolume": {"name": "dv1"}}})
+    hotplug.add_volume(s, vol, disk)
+    assert hotplug.hotplug_volume_names(s) == ["d"]
+    with pytest.raises(hotplug.HotplugRequestError, match="already exists") as exc:
+        hotplug.add_volume(s, vol, disk)
+    assert exc.value.conflict
+    other, odisk = hotplug.parse_add({"name": "e", "disk": {}, "volumeSource": {"dataVolume": {"name": "dv1"}}})
+    with pytest.raises(hotplug.HotplugRequestError, match="already exists as volume"):
+        hotplug.add_volume(s, other, odisk)
+    assert hotplug.without_hotplug(s) == spec()
+    with pytest.raises(hotplug.HotplugRequestError, match="not hotpluggable"):
+        hotplug.remove_volume(s, "root")
+    with pytest.raises(hotplug.HotplugRequestError, match="does not exist"):
+        hotplug.remove_volume(s, "nope")
+    assert hotplug.remove_volume(s, "d") == spec()
+
+
+def _vm(tspec: dict) -> dict:
+    return {"metadata": {"name": "v", "namespace": "default", "uid": "u1", "generation": 1},
+            "spec": {"template": {"spec": tspec}}}
+
+
+def test_template_hash_ignores_hotplug_and_vmi_follows_template() -> None:
+    plain = _vm(spec())
+    hot = spec()
+    hotplug.add_volume(hot, *hotplug.parse_add({"name": "d", "disk": {},
+                                                "volumeSource": {"dataVolume": {"name": "dv1"}}}))
+    assert vmc.template_spec_hash(plain) == vmc.template_spec_hash(_vm(hot))
+    vmi = {"metadata": {"name": "v", "annotations": {}}, "spec": spec()}
+    ops = vmc._hotplug_ops(hot, vmi)
+    volumes = next(o for o in ops if o["path"] == "/spec/volumes")["value"]
+    assert [v["name"] for v in volumes] == ["root", "d"]
+    ann = next(o for o in ops if o["path"].startswith("/metadata/annotations/"))
+    assert json.loads(ann["value"]) == ["d"]
+    # a VMI-only hotplug (not in the annotation) stays when the template does not have it
+    vmi = {"metadata": {"name": "v", "annotations": {vmc.HOTPLUG_ANNOTATION: "[]"}}, "spec": hot}
+    assert vmc._hotplug_ops(spec(), vmi) == []
+    # one that came from the template leaves with it
+    vmi["metadata"]["annotations"][vmc.HOTPLUG_ANNOTATION] = '["d"]'
+    ops = vmc._hotplug_ops(spec(), vmi)
+    assert [v["name"] for v in next(o for o in ops if o["path"] == "/spec/volumes")["value"]] == ["root"]
