@@ -4,10 +4,14 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 APT_STAMP := .setup-stamp-apt
 VENV_STAMP := .setup-stamp-venv
+# the web console (virtplane/web): rebuilt only when its sources change, since npm ci + vite build take a minute
+WEB_STAMP := virtplane/web/.build-stamp
+WEB_INPUTS := $(shell find virtplane/web/src -type f 2>/dev/null) \
+  $(addprefix virtplane/web/,package.json package-lock.json vite.config.js index.html)
 
 .PHONY: setup up test unit e2e lint bench images clean
 
-setup: $(APT_STAMP) $(VENV_STAMP) images
+setup: $(APT_STAMP) $(VENV_STAMP) $(WEB_STAMP) images
 
 # Installs only what is missing, so a second run is fast.
 $(APT_STAMP): deps/apt.txt
@@ -23,6 +27,10 @@ $(APT_STAMP): deps/apt.txt
 $(VENV_STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	@$(PIP) install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+$(WEB_STAMP): $(WEB_INPUTS) | $(APT_STAMP)
+	@cd virtplane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent >/dev/null
 	@touch $@
 
 images: $(VENV_STAMP) $(APT_STAMP)
@@ -47,4 +55,4 @@ bench: setup
 	$(PY) bench/apiserver.py
 
 clean:
-	rm -rf .venv $(APT_STAMP) $(VENV_STAMP) images/out
+	rm -rf .venv $(APT_STAMP) $(VENV_STAMP) $(WEB_STAMP) images/out virtplane/web/dist virtplane/web/node_modules

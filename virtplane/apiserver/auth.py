@@ -6,12 +6,14 @@ RBAC work replaces it without touching the handlers.
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import hmac
 import io
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -47,6 +49,27 @@ class TokenAuthenticator:
             if hmac.compare_digest(known, token):
                 return user
         return None
+
+
+# Browsers cannot set headers on a websocket, so kube-apiserver also reads the bearer token from a
+# subprotocol offered beside the real one (client-go and the OpenShift console use it the same way).
+WEBSOCKET_TOKEN_PROTOCOL = "base64url.bearer.authorization.k8s.io."
+
+
+def websocket_bearer(headers: Mapping[str, str]) -> str | None:
+    """'Bearer <token>' from a websocket upgrade's `base64url.bearer.authorization.k8s.io.<b64url>` protocol."""
+    if headers.get("Upgrade", "").lower() != "websocket":
+        return None
+    for proto in headers.get("Sec-WebSocket-Protocol", "").split(","):
+        proto = proto.strip()
+        if proto.startswith(WEBSOCKET_TOKEN_PROTOCOL):
+            encoded = proto[len(WEBSOCKET_TOKEN_PROTOCOL):]
+            try:
+                token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except ValueError:  # binascii.Error, non-ASCII input, bad UTF-8
+                return None
+            return f"Bearer {token}"
+    return None
 
 
 # virtplane's own components (controllers, node agents): admission lets them write what users

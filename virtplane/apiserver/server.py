@@ -31,6 +31,7 @@ from virtplane.apiserver import (
     upload,
 )
 from virtplane.store import interface as store_api
+from virtplane.web import serve as web_console
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("virtplane.apiserver.access")
@@ -69,6 +70,7 @@ class APIServer:
         self._subresources: dict[tuple[str, str, str], handlers.SubresourceHandler] = {}
         self._routes: list[tuple[str, str, Any]] = []  # extra endpoints other components plug in
         self._public_paths: set[str] = set(PUBLIC_PATHS)
+        self._public_prefixes: list[str] = []  # from public routes that end in a {tail:...} variable
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
@@ -79,6 +81,7 @@ class APIServer:
         hotplug.register(self)
         upload.register(self)
         consoles.register(self)
+        web_console.register(self)
 
     # --------------------------------------------------------------- plug-ins
 
@@ -90,8 +93,13 @@ class APIServer:
         """An extra endpoint (e.g. CDI's upload proxy). `public` ones skip API-token authentication:
         they authorize requests themselves (upload tokens)."""
         self._routes.append((method, path, handler))
-        if public:
+        if public and path.endswith(".*}") and "{" in path:
+            self._public_prefixes.append(path[: path.index("{")])
+        elif public:
             self._public_paths.add(path)
+
+    def _is_public(self, path: str) -> bool:
+        return path in self._public_paths or any(path.startswith(p) for p in self._public_prefixes)
 
     def subresource_handler(self, res: resources.Resource, sub: str) -> handlers.SubresourceHandler | None:
         return self._subresources.get((res.group, res.plural, sub.split("/")[0]))
@@ -244,8 +252,9 @@ class APIServer:
         request["vp_verb"] = request.method
         code = 500
         try:
-            if request.path not in self._public_paths:
-                user = self.authenticator.authenticate(request.headers.get("Authorization"))
+            if not self._is_public(request.path):
+                user = self.authenticator.authenticate(
+                    request.headers.get("Authorization") or auth.websocket_bearer(request.headers))
                 if user is None:
                     raise errors.StatusError(401, "Unauthorized")
                 request["vp_user"] = user

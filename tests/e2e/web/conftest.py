@@ -1,0 +1,73 @@
+"""A real browser (Debian's chromium, driven by Playwright's Python client) on the web console of the session
+`cluster`. The browser is never downloaded: Playwright launches /usr/bin/chromium by path."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtplane.testing import guest
+from virtplane.testing.cluster import REPO, Cluster
+from virtplane.web import serve
+
+VM = "web-vm"
+BULK = ("web-bulk-a", "web-bulk-b")
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts" / "web"
+# Headless Chromium as root on a machine with no outside network: without the background-networking flags it
+# keeps trying (and failing) to reach Google's services.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[str]:
+    """A registry with the tiny containerDisk. Set up before the browser: Playwright's sync API runs its own
+    event loop in this thread, and pushing the image uses asyncio.run."""
+    with guest.registry_with_containerdisk(tmp_path_factory.mktemp("web-registry")) as (_reg, ref):
+        try:
+            yield ref
+        finally:
+            # a leftover running VM would burn the shared CPUs for every later test
+            cluster.kubectl("delete", "vm", VM, *BULK, "--ignore-not-found", "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def browser(image: str) -> Iterator[Any]:
+    if not CHROMIUM.exists() or shutil.which("node") is None:
+        pytest.fail("chromium and nodejs are required (deps/apt.txt; `make setup` installs them)")
+    if not (serve.DIST / "index.html").exists():
+        pytest.fail("the web console is not built: `make setup` (npm ci && npm run build in virtplane/web)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, cluster: Cluster) -> Iterator[Any]:
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(30_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.console_errors = errors  # type: ignore[attr-defined]
+    try:
+        yield pg
+    finally:
+        ctx.close()
+
+
+def shot(page: Any, name: str) -> Path:
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path

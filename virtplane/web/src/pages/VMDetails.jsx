@@ -1,0 +1,251 @@
+import { useEffect, useMemo, useState } from 'react';
+import {
+  Alert, Button, DescriptionList, DescriptionListDescription, DescriptionListGroup, DescriptionListTerm, Label,
+  PageSection, Tab, TabTitleText, Tabs, TextArea, Title, Toolbar, ToolbarContent, ToolbarItem, Breadcrumb,
+  BreadcrumbItem,
+} from '@patternfly/react-core';
+import { Table, Tbody, Td, Th, Thead, Tr } from '@patternfly/react-table';
+import * as yaml from 'js-yaml';
+import { R, age, getText, request, resourcePath, useWatch } from '../api.js';
+import { ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, runAction, vmStatus } from './common.jsx';
+import { SerialConsole, VNCConsole } from './Consoles.jsx';
+
+const TABS = ['overview', 'yaml', 'events', 'console', 'diagnostics'];
+const TAB_TITLES = { overview: 'Overview', yaml: 'YAML', events: 'Events', console: 'Console', diagnostics: 'Diagnostics' };
+
+function DL({ items }) {
+  return (
+    <DescriptionList isHorizontal isCompact>
+      {items.map(([k, v]) => (
+        <DescriptionListGroup key={k}>
+          <DescriptionListTerm>{k}</DescriptionListTerm>
+          <DescriptionListDescription>{v === undefined || v === null || v === '' ? '—' : v}</DescriptionListDescription>
+        </DescriptionListGroup>
+      ))}
+    </DescriptionList>
+  );
+}
+
+function SimpleTable({ label, columns, rows }) {
+  return (
+    <Table aria-label={label} variant="compact">
+      <Thead><Tr>{columns.map((c) => <Th key={c}>{c}</Th>)}</Tr></Thead>
+      <Tbody>
+        {rows.length === 0 && <Tr><Td colSpan={columns.length}>None</Td></Tr>}
+        {rows.map((r, i) => <Tr key={i}>{r.map((c, j) => <Td key={j} dataLabel={columns[j]}>{c}</Td>)}</Tr>)}
+      </Tbody>
+    </Table>
+  );
+}
+
+function OverviewTab({ vm, vmi }) {
+  const tmpl = (vm.spec.template && vm.spec.template.spec) || {};
+  const domain = tmpl.domain || {};
+  const cpu = domain.cpu || {};
+  const status = (vmi && vmi.status) || {};
+  const disks = (domain.devices && domain.devices.disks) || [];
+  const volumes = new Map((tmpl.volumes || []).map((v) => [v.name, v]));
+  const nics = (domain.devices && domain.devices.interfaces) || [];
+  const ifStatus = new Map((status.interfaces || []).map((i) => [i.name, i]));
+  const src = (v) => {
+    if (!v) return '';
+    const kind = Object.keys(v).find((k) => k !== 'name');
+    const body = v[kind] || {};
+    return `${kind}${body.image ? `: ${body.image}` : body.name ? `: ${body.name}` : body.claimName ? `: ${body.claimName}` : ''}`;
+  };
+  return (
+    <>
+      <DL items={[
+        ['Name', vm.metadata.name], ['Namespace', vm.metadata.namespace], ['Status', <StatusLabel status={vmStatus(vm)} />],
+        ['Created', `${vm.metadata.creationTimestamp} (${age(vm.metadata.creationTimestamp)} ago)`],
+        ['Node', status.nodeName], ['Run strategy', vm.spec.runStrategy || (vm.spec.running ? 'Always' : 'Halted')],
+        ['CPU', `${(cpu.cores || 1) * (cpu.sockets || 1) * (cpu.threads || 1)} vCPU`],
+        ['Memory', (domain.memory && domain.memory.guest) || (domain.resources && domain.resources.requests && domain.resources.requests.memory)],
+        ['Labels', Object.entries(vm.metadata.labels || {}).map(([k, v]) => <Label key={k} isCompact>{k}={v}</Label>)],
+        ['Guest OS', status.guestOSInfo && (status.guestOSInfo.prettyName || status.guestOSInfo.name)],
+      ]} />
+      <Title headingLevel="h3" style={{ marginTop: 16 }}>Disks</Title>
+      <SimpleTable label="Disks" columns={['Name', 'Bus', 'Source']}
+        rows={disks.map((d) => [d.name, (d.disk && d.disk.bus) || (d.cdrom && 'cdrom') || '', src(volumes.get(d.name))])} />
+      <Title headingLevel="h3" style={{ marginTop: 16 }}>Network interfaces</Title>
+      <SimpleTable label="Network interfaces" columns={['Name', 'Binding', 'MAC', 'IP addresses']}
+        rows={nics.map((n) => {
+          const s = ifStatus.get(n.name) || {};
+          return [n.name, Object.keys(n).find((k) => !['name', 'macAddress', 'model', 'ports'].includes(k)) || '',
+            s.mac || n.macAddress || '', (s.ipAddresses || (s.ipAddress ? [s.ipAddress] : [])).join(', ')];
+        })} />
+    </>
+  );
+}
+
+function YAMLTab({ vm }) {
+  const [text, setText] = useState(() => yaml.dump(vm, { noRefs: true, lineWidth: 120 }));
+  const [dirty, setDirty] = useState(false);
+  const [error, setError] = useState(null);
+  const [saved, setSaved] = useState(false);
+  useEffect(() => { if (!dirty) setText(yaml.dump(vm, { noRefs: true, lineWidth: 120 })); }, [vm, dirty]);
+  const save = async () => {
+    setError(null);
+    setSaved(false);
+    let body;
+    try {
+      body = yaml.load(text);
+    } catch (e) {
+      setError({ message: `Invalid YAML: ${e.message}`, causes: [] });
+      return;
+    }
+    try {
+      await request('PUT', resourcePath(R.vms, vm.metadata.namespace, vm.metadata.name), body);
+      setDirty(false);
+      setSaved(true);
+    } catch (e) {
+      setError(e);
+    }
+  };
+  const reload = () => { setDirty(false); setError(null); setText(yaml.dump(vm, { noRefs: true, lineWidth: 120 })); };
+  return (
+    <>
+      {error && error.code === 409 && (
+        <Alert variant="warning" isInline title="This VirtualMachine was changed since you loaded it" data-testid="yaml-conflict"
+          actionLinks={<Button variant="link" isInline onClick={reload}>Reload the latest version (drops your edits)</Button>}>
+          {error.message}
+        </Alert>
+      )}
+      {error && error.code !== 409 && <ErrorAlert error={error} title="Save failed" />}
+      {saved && <Alert variant="success" isInline title="Saved" />}
+      <Toolbar><ToolbarContent>
+        <ToolbarItem><Button onClick={save} isDisabled={!dirty}>Save</Button></ToolbarItem>
+        <ToolbarItem><Button variant="secondary" onClick={reload}>Reload</Button></ToolbarItem>
+        {dirty && <ToolbarItem><Label color="orange">Edited</Label></ToolbarItem>}
+      </ToolbarContent></Toolbar>
+      <TextArea className="vp-yaml" aria-label="YAML" value={text} rows={32} resizeOrientation="vertical"
+        onChange={(_e, v) => { setText(v); setDirty(true); }} />
+    </>
+  );
+}
+
+export function EventsTable({ events }) {
+  const sorted = [...events].sort((a, b) => String(b.lastTimestamp || b.eventTime || b.metadata.creationTimestamp)
+    .localeCompare(String(a.lastTimestamp || a.eventTime || a.metadata.creationTimestamp)));
+  return (
+    <SimpleTable label="Events" columns={['Type', 'Reason', 'Object', 'Message', 'Count', 'Last seen']}
+      rows={sorted.slice(0, 200).map((e) => [
+        e.type, e.reason, `${e.involvedObject.kind}/${e.involvedObject.name}`, e.message, e.count || 1,
+        age(e.lastTimestamp || e.eventTime || e.metadata.creationTimestamp)])} />
+  );
+}
+
+function EventsTab({ vm }) {
+  const ev = useWatch(R.events, { namespace: vm.metadata.namespace, fieldSelector: `involvedObject.name=${vm.metadata.name}` });
+  return <><ErrorAlert error={ev.error} /><EventsTable events={ev.items} /></>;
+}
+
+function ConsoleTab({ vm, vmi }) {
+  if (!vmi || !vmi.status || vmi.status.phase !== 'Running') {
+    return <Alert variant="info" isInline title="The consoles are available while the VM is running." />;
+  }
+  return (
+    <div className="vp-consoles">
+      <SerialConsole namespace={vm.metadata.namespace} name={vm.metadata.name} />
+      <VNCConsole namespace={vm.metadata.namespace} name={vm.metadata.name} />
+    </div>
+  );
+}
+
+function DiagnosticsTab({ vm, vmi }) {
+  const [log, setLog] = useState('');
+  const [logError, setLogError] = useState(null);
+  const running = vmi && vmi.status && vmi.status.phase === 'Running';
+  const loadLog = async () => {
+    setLogError(null);
+    try {
+      setLog(await getText(`/apis/subresources.kubevirt.io/v1/namespaces/${vm.metadata.namespace}/virtualmachineinstances/${vm.metadata.name}/consolelog?tail=300`));
+    } catch (e) {
+      setLogError(e);
+    }
+  };
+  useEffect(() => { if (running) loadLog(); }, [running]); // eslint-disable-line react-hooks/exhaustive-deps
+  const conds = (o) => ((o && o.status && o.status.conditions) || []).map((c) => [c.type, c.status, c.reason || '', c.message || '', age(c.lastTransitionTime)]);
+  return (
+    <>
+      <Title headingLevel="h3">VirtualMachine conditions</Title>
+      <SimpleTable label="VM conditions" columns={['Type', 'Status', 'Reason', 'Message', 'Changed']} rows={conds(vm)} />
+      <Title headingLevel="h3" style={{ marginTop: 16 }}>VirtualMachineInstance conditions</Title>
+      <SimpleTable label="VMI conditions" columns={['Type', 'Status', 'Reason', 'Message', 'Changed']} rows={conds(vmi)} />
+      <Title headingLevel="h3" style={{ marginTop: 16 }}>Volume status</Title>
+      <SimpleTable label="Volume status" columns={['Name', 'Target', 'Phase', 'Reason', 'Message']}
+        rows={((vmi && vmi.status && vmi.status.volumeStatus) || []).map((v) => [v.name, v.target || '', v.phase || '', v.reason || '', v.message || ''])} />
+      <Title headingLevel="h3" style={{ marginTop: 16 }}>Guest console log</Title>
+      <Button variant="secondary" onClick={loadLog} isDisabled={!running}>Refresh</Button>
+      <ErrorAlert error={logError} />
+      <pre className="vp-log" data-testid="console-log">{log}</pre>
+    </>
+  );
+}
+
+export function VMDetails({ namespace, name, tab }) {
+  const vms = useWatch(R.vms, { namespace, name });
+  const vmis = useWatch(R.vmis, { namespace, name });
+  const vm = vms.items[0];
+  const vmi = vmis.items[0];
+  const [confirm, setConfirm] = useState(null);
+  const [error, setError] = useState(null);
+  const allowed = useMemo(() => (vm ? allowedActions(vm, vmi) : {}), [vm, vmi]);
+  if (!vm) {
+    return (
+      <PageSection>
+        {vms.loaded ? <Alert variant="warning" isInline title={`VirtualMachine ${namespace}/${name} not found`} /> : <p>Loading…</p>}
+        <ErrorAlert error={vms.error} />
+      </PageSection>
+    );
+  }
+  const act = async () => {
+    try {
+      await runAction(confirm, vm);
+      if (confirm === 'delete') location.hash = '/vms';
+    } catch (e) {
+      setError(e);
+    }
+    setConfirm(null);
+  };
+  return (
+    <PageSection>
+      <Breadcrumb><BreadcrumbItem to="#/vms">VirtualMachines</BreadcrumbItem><BreadcrumbItem isActive>{name}</BreadcrumbItem></Breadcrumb>
+      <Toolbar><ToolbarContent>
+        <ToolbarItem><Title headingLevel="h1">{name}</Title></ToolbarItem>
+        <ToolbarItem><StatusLabel status={vmStatus(vm)} /></ToolbarItem>
+        {['start', 'stop', 'restart', 'delete'].map((a) => (
+          <ToolbarItem key={a}>
+            <Button variant={a === 'delete' ? 'danger' : 'secondary'} isDisabled={!allowed[a]} onClick={() => setConfirm(a)}>
+              {ACTION_LABELS[a]}
+            </Button>
+          </ToolbarItem>
+        ))}
+        <ToolbarItem>
+          <Button variant="link" onClick={() => navigator.clipboard && navigator.clipboard.writeText(`virtctl ssh vm/${name} -n ${namespace}`)}>
+            Copy virtctl ssh command
+          </Button>
+        </ToolbarItem>
+      </ToolbarContent></Toolbar>
+      <ErrorAlert error={error} onClose={() => setError(null)} />
+      <Tabs activeKey={TABS.includes(tab) ? tab : 'overview'} mountOnEnter unmountOnExit
+        onSelect={(_e, k) => { location.hash = `/vms/${namespace}/${name}/${k}`; }}>
+        {TABS.map((t) => (
+          <Tab key={t} eventKey={t} title={<TabTitleText>{TAB_TITLES[t]}</TabTitleText>}>
+            <div style={{ paddingTop: 16 }}>
+              {t === 'overview' && <OverviewTab vm={vm} vmi={vmi} />}
+              {t === 'yaml' && <YAMLTab vm={vm} />}
+              {t === 'events' && <EventsTab vm={vm} />}
+              {t === 'console' && <ConsoleTab vm={vm} vmi={vmi} />}
+              {t === 'diagnostics' && <DiagnosticsTab vm={vm} vmi={vmi} />}
+            </div>
+          </Tab>
+        ))}
+      </Tabs>
+      {confirm && (
+        <ConfirmModal title={`${ACTION_LABELS[confirm]} ${name}?`} body={`${ACTION_LABELS[confirm]} VirtualMachine ${namespace}/${name}.`}
+          confirmLabel={ACTION_LABELS[confirm]} danger={confirm === 'delete'} onConfirm={act} onClose={() => setConfirm(null)} />
+      )}
+    </PageSection>
+  );
+}

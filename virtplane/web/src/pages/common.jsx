@@ -1,0 +1,84 @@
+import { useState } from 'react';
+import { Alert, AlertActionCloseButton, Button, Label, Modal, ModalBody, ModalFooter, ModalHeader } from '@patternfly/react-core';
+import { vmAction, request, resourcePath, R } from '../api.js';
+
+const COLORS = {
+  Running: 'green', Stopped: 'grey', Paused: 'orange', Migrating: 'purple', Starting: 'blue', Stopping: 'blue',
+  Provisioning: 'blue', Terminating: 'blue', WaitingForVolumeBinding: 'blue',
+  CrashLoopBackOff: 'red', ErrorUnschedulable: 'red', ErrImagePull: 'red', ImagePullBackOff: 'red',
+  ErrorPvcNotFound: 'red', DataVolumeError: 'red', Unknown: 'orange',
+};
+
+export const StatusLabel = ({ status }) => (
+  <Label color={COLORS[status] || 'grey'} data-status={status}>{status || 'Unknown'}</Label>
+);
+
+export const vmStatus = (vm) => (vm.status && vm.status.printableStatus) || 'Stopped';
+
+export function isRunning(vm, vmi) {
+  return Boolean(vmi && !['Succeeded', 'Failed'].includes(vmi.status && vmi.status.phase) && !vmi.metadata.deletionTimestamp);
+}
+
+// Which actions the server would accept now (it answers 409 otherwise).
+export function allowedActions(vm, vmi) {
+  const running = isRunning(vm, vmi);
+  const strategy = (vm.spec && vm.spec.runStrategy) || (vm.spec && vm.spec.running ? 'Always' : 'Halted');
+  return {
+    start: !running && !vm.metadata.deletionTimestamp,
+    stop: running || strategy === 'Always' || strategy === 'RerunOnFailure',
+    restart: running,
+    delete: !vm.metadata.deletionTimestamp,
+  };
+}
+
+export const ACTION_LABELS = { start: 'Start', stop: 'Stop', restart: 'Restart', delete: 'Delete' };
+
+export async function runAction(action, vm) {
+  const { namespace, name } = vm.metadata;
+  if (action === 'delete') return request('DELETE', resourcePath(R.vms, namespace, name));
+  return vmAction(namespace, name, action);
+}
+
+export function ConfirmModal({ title, body, confirmLabel, danger, onConfirm, onClose }) {
+  const [busy, setBusy] = useState(false);
+  return (
+    <Modal isOpen variant="small" onClose={onClose} aria-labelledby="confirm-title">
+      <ModalHeader title={title} labelId="confirm-title" />
+      <ModalBody>{body}</ModalBody>
+      <ModalFooter>
+        <Button variant={danger ? 'danger' : 'primary'} isDisabled={busy} isLoading={busy}
+          onClick={async () => { setBusy(true); try { await onConfirm(); } finally { setBusy(false); } }}>
+          {confirmLabel}
+        </Button>
+        <Button variant="link" onClick={onClose}>Cancel</Button>
+      </ModalFooter>
+    </Modal>
+  );
+}
+
+export function ErrorAlert({ error, title, onClose }) {
+  if (!error) return null;
+  const causes = error.causes || [];
+  return (
+    <Alert variant="danger" isInline title={title || error.message}
+      actionClose={onClose ? <AlertActionCloseButton onClose={onClose} /> : undefined}>
+      {title && <p>{error.message}</p>}
+      {causes.length > 0 && (
+        <ul>{causes.map((c, i) => <li key={i}>{c.field ? <code>{c.field}</code> : null} {c.message}</li>)}</ul>
+      )}
+    </Alert>
+  );
+}
+
+export function vmiIPs(vmi) {
+  const ifs = (vmi && vmi.status && vmi.status.interfaces) || [];
+  const ips = [];
+  for (const i of ifs) {
+    for (const ip of i.ipAddresses || (i.ipAddress ? [i.ipAddress] : [])) if (!ips.includes(ip)) ips.push(ip);
+  }
+  return ips;
+}
+
+export function trueConditions(obj) {
+  return ((obj.status && obj.status.conditions) || []).filter((c) => c.status === 'True').map((c) => c.type);
+}
