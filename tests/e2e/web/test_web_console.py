@@ -145,7 +145,8 @@ def test_stop_and_start_from_the_list(page: Any) -> None:
 
 def test_bulk_delete(page: Any, cluster: Cluster, image: str) -> None:
     for name in BULK:
-        vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name, "labels": {"bulk": "yes"}},
+        vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+              "metadata": {"name": name, "labels": {"bulk": "yes"}},
               "spec": {"runStrategy": "Halted", "template": {"spec": {
                   "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]},
                              "resources": {"requests": {"memory": "128Mi"}}},
