@@ -351,6 +351,49 @@ def _added_paths(value: Any, node: MergeKeys, path: Path, out: FieldSet) -> None
         out.add(path)
 
 
+def _added_tree(value: Any, node: MergeKeys) -> dict[str, Any]:
+    """FieldsV1 of what `value` sets below it: `to_fieldsv1(_added_paths(value))` for one subtree, built
+    directly. Every container below is a member, hence its `"."`."""
+    out: dict[str, Any] = {}
+    if _is_map(_ABSENT, value, node):
+        for k in sorted(value):  # all "f:" elements: FieldsV1 order is the name order
+            child = _added_tree(value[k], node.child(k))
+            out[f"f:{k}"] = {".": {}, **child} if child else {}
+        return out
+    items = _list_items(_ABSENT, value, node)
+    if items is not None:
+        item_node = node.item()
+        by_element = items[1]
+        for pe in sorted(by_element, key=fp.sort_key):
+            child = _added_tree(by_element[pe], item_node)
+            out[fp.element_to_fieldsv1(pe)] = {".": {}, **child} if child else {}
+    return out
+
+
+def _created_fieldsv1(obj: JSON, node: MergeKeys) -> dict[str, Any]:
+    """The FieldsV1 a create's manager owns: the whole object less what nobody owns (`_STRIPPED`,
+    metadata.managedFields), exactly as `to_fieldsv1(_strip(added))` would encode it."""
+    out: dict[str, Any] = {}
+    for k in sorted(obj):
+        v = obj[k]
+        if k in ("apiVersion", "kind"):
+            continue
+        if k == "metadata" and isinstance(v, dict) and not node.child(k).atomic:
+            meta_node = node.child(k)
+            meta: dict[str, Any] = {}
+            for mk in sorted(v):
+                if (("f", "metadata"), ("f", mk)) in _STRIPPED:
+                    continue
+                child = _added_tree(v[mk], meta_node.child(mk))
+                meta[f"f:{mk}"] = {".": {}, **child} if child else {}
+            if meta:
+                out["f:metadata"] = meta
+            continue
+        child = _added_tree(v, node.child(k))
+        out[f"f:{k}"] = {".": {}, **child} if child else {}
+    return out
+
+
 def _is_map(lhs: Any, rhs: Any, node: MergeKeys) -> bool:
     """Both sides objects (or absent), granular, and not both empty: compare field by field."""
     if node.atomic:
@@ -811,9 +854,23 @@ def update_managed_fields(
     else:
         managers = decode_or_empty(new_entries) or decode_or_empty(old_entries)
 
+    if old is None and not managers and not subresource:
+        # The usual create: one manager owns everything written. Encode its FieldsV1 straight from the
+        # object (no path set, no strip pass, no trie): the create path's hottest step otherwise.
+        tree = _created_fieldsv1(new, node)
+        if tree:
+            if new_meta is None:
+                new_meta = new["metadata"] = {}
+            new_meta["managedFields"] = [{
+                "manager": manager, "operation": operation, "apiVersion": str(new.get("apiVersion") or ""),
+                "time": now, "fieldsType": "FieldsV1", "fieldsV1": tree,
+            }]
+        elif new_meta is not None:
+            new_meta.pop("managedFields", None)
+        return
     if old is None:
         # A create owns everything it wrote: walk the new object once, read-only, instead of a
-        # two-sided comparison over deep copies (the create path's hottest step otherwise).
+        # two-sided comparison over deep copies.
         added: FieldSet = set()
         _added_paths(new, node, (), added)
         gained, removed = _strip(added), set()

@@ -101,7 +101,8 @@ def path_to_string(path: Path) -> str:
     return "".join(element_to_string(pe) for pe in path)
 
 
-def _sort_key(pe: PathElement) -> tuple[int, Any]:
+def sort_key(pe: PathElement) -> tuple[int, Any]:
+    """FieldsV1 order of path elements: by kind (f, k, v, i), then by content."""
     kind, data = pe
     if kind == "k":
         return (1, [(name, text) for name, text in data])
@@ -109,7 +110,7 @@ def _sort_key(pe: PathElement) -> tuple[int, Any]:
 
 
 def sort_paths(paths: Iterable[Path]) -> list[Path]:
-    return sorted(paths, key=lambda p: [_sort_key(pe) for pe in p])
+    return sorted(paths, key=lambda p: [sort_key(pe) for pe in p])
 
 
 def to_fieldsv1(paths: Iterable[Path]) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def to_fieldsv1(paths: Iterable[Path]) -> dict[str, Any]:
 
     def encode(node: dict[PathElement, Any], prefix: Path) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for pe in sorted(node, key=_sort_key):
+        for pe in sorted(node, key=sort_key):
             child_path = (*prefix, pe)
             children = node[pe]
             if children:

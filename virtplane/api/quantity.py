@@ -7,6 +7,7 @@ and `1073741824` equal.
 from __future__ import annotations
 
 import decimal
+import functools
 import math
 import re
 
@@ -31,7 +32,15 @@ def parse_quantity(value: str | int | float) -> decimal.Decimal:
         if not math.isfinite(value):
             raise ValueError(f"quantity must be finite: {value!r}")
         return decimal.Decimal(repr(value))
-    m = _QUANTITY_RE.match(value.strip()) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        raise ValueError(f"quantity must be a string or a number, not {value!r}")
+    return _parse_text(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_text(value: str) -> decimal.Decimal:
+    """Cached: admission parses the same few quantities on every write; Decimals are immutable."""
+    m = _QUANTITY_RE.match(value.strip())
     if m is None:
         raise ValueError(f"quantities must match the regular expression "
                          f"'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$': {value!r}")

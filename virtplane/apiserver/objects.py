@@ -11,7 +11,6 @@ import asyncio
 import base64
 import copy
 import dataclasses
-import datetime
 import logging
 import secrets
 import uuid
@@ -21,7 +20,7 @@ from typing import Any
 import orjson
 
 from virtplane import hypervisor
-from virtplane.api import admission, patch, resources, validation
+from virtplane.api import admission, clock, patch, resources, validation
 from virtplane.api import apply as ssa
 from virtplane.apiserver import errors, registry, selectors
 from virtplane.store import interface as store_api
@@ -36,7 +35,7 @@ _SYSTEM_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGraceP
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return clock.now_rfc3339()
 
 
 def encode(obj: JSON) -> bytes:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import datetime
 import logging
 import time
 from typing import Any
 
+from virtplane.api import clock
 from virtplane.client import rest
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class _Seen:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return clock.now_rfc3339()
 
 
 def object_reference(obj: JSON) -> JSON:

@@ -6,6 +6,7 @@ Arithmetic is done with `Fraction` so `0.5Gi` or `1.5G` are exact and nothing is
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from fractions import Fraction
@@ -53,6 +54,13 @@ def parse_quantity(value: str | int | float) -> Fraction:
         return Fraction(value)
     if not isinstance(value, str):
         raise QuantityError(f"not a quantity: {value!r}")
+    return _parse_text(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_text(value: str) -> Fraction:
+    """Cached: the same few quantities (`128Mi`, `100m`) are parsed on every admission and build, and
+    Fraction from text is slow. Fractions are immutable, so sharing them is safe."""
     m = _QUANTITY_RE.match(value.strip())
     if not m:
         raise QuantityError(f"not a quantity: {value!r}")

@@ -5,10 +5,10 @@ answers in KubeVirt's JSON shapes. No I/O here, so every field can be unit-teste
 from __future__ import annotations
 
 import dataclasses
-import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from virtplane.api import clock
 from virtplane.hypervisor.devices.interfaces import derived_mac, normalize_mac
 
 JSON = dict[str, Any]
@@ -42,7 +42,7 @@ MASQUERADE_GUEST_IP = "10.0.2.2"
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return clock.now_rfc3339()
 
 
 # -------------------------------------------------------------------------------------------------- conditions

@@ -411,6 +411,38 @@ def test_create_owns_everything_but_identity_fields() -> None:
     assert entry["fieldsV1"]["f:metadata"]["f:labels"] == {".": {}, "f:app": {}}
 
 
+def _created_objects() -> list[tuple[dict[str, Any], Any]]:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "annotations": {"a": "1", "b": ""},
+           "finalizers": ["x/y", "a/b"],
+           "ownerReferences": [{"uid": "u1", "name": "o", "kind": "K", "apiVersion": "v1"}]},
+           "spec": {"containers": [{"name": "b", "image": "i", "env": [{"name": "Z", "value": "1"}, {"name": "A"}],
+                                    "ports": [{"containerPort": 80, "protocol": "TCP"}], "args": ["x", "x"]},
+                                   {"name": "a", "image": "j", "resources": {}}], "volumes": [], "nodeSelector": {}},
+           "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}]}}
+    odd = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "labels": {}},
+           "data": {"k": "v", "e": ""}, "binaryData": None, "extra": [1, 2, {"x": 1}]}
+    bare = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n", "uid": "u"}}
+    return [(deployment(), DEPLOY), (pod, builtin_merge_keys("", "Pod")), (odd, None), (bare, None),
+            (deployment(strategy={"type": "Recreate"}, paused=False), DEPLOY)]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_create_encoding_matches_the_general_path(index: int) -> None:
+    """A create encodes its FieldsV1 directly; it must equal what the general path-set route gives (the
+    route every update takes), the create fast path being an optimisation only."""
+    obj, keys = _created_objects()[index]
+    fast = copy.deepcopy(obj)
+    update_managed_fields(None, fast, manager="m", now=T1, list_keys=keys)
+    # The general route: a create that carries an (unrelated, then dropped) manager entry goes through it.
+    slow = copy.deepcopy(obj)
+    slow["metadata"]["managedFields"] = [{"manager": "other", "operation": "Update", "apiVersion": "v1",
+                                          "fieldsType": "FieldsV1", "fieldsV1": {"f:zzz": {}}}]
+    update_managed_fields(None, slow, manager="m", now=T1, list_keys=keys)
+    mine = [e for e in slow["metadata"]["managedFields"] if e["manager"] == "m"]
+    assert fast["metadata"].get("managedFields", []) == mine
+    assert json.dumps(fast["metadata"].get("managedFields")) == json.dumps(mine or None)  # key order too
+
+
 def test_update_moves_and_drops_ownership() -> None:
     live = apply(None, deployment(), "gitops")
     live = edited(live, "ctl", lambda o: o["spec"].update(replicas=3))
