@@ -1,16 +1,19 @@
 """API server benchmark: virtplane's API against the bare HTTP framework, measured in one run.
 
-    .venv/bin/python bench/apiserver.py [--creates 3000] [--list-size 10000] [--watchers 100]
+    .venv/bin/python bench/apiserver.py [--creates 3000] [--rounds 6] [--list-size 10000] [--watchers 100]
 
 Prints creates/s and gets/s (32 concurrent HTTPS clients), the time to list 10,000 VMs, watch
 delivery latency p50/p99 with 100 watchers, and a bare aiohttp server's trivial-POST rate over the
-same TLS and the same client, so the ratio holds whatever the machine's speed.
+same TLS and the same client. Bare POSTs and API creates run in alternating rounds and the ratio is
+taken round by round, so it holds whatever the machine's speed does meanwhile; each side's server CPU
+per request (from /proc) is printed too, a figure other load on the machine cannot inflate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -19,6 +22,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -78,7 +83,27 @@ BARE_SERVER = textwrap.dedent("""
 """)
 
 
-async def bare_post_rate(cluster: Cluster, n: int) -> float:
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (its own accounting, immune to other load)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Round:
+    rate: float  # requests/s, wall clock
+    cpu_us: float  # server CPU microseconds per request
+
+
+async def measured(pid: int, n: int, make_request) -> Round:  # type: ignore[no-untyped-def]
+    cpu0 = process_cpu(pid)
+    rate = await run_concurrent(n, make_request)
+    return Round(rate, (process_cpu(pid) - cpu0) / n * 1e6)
+
+
+@contextlib.asynccontextmanager
+async def bare_server(cluster: Cluster) -> AsyncIterator[tuple[int, aiohttp.ClientSession]]:
+    """The bare framework: aiohttp answering a POST with its body, same TLS cert, same client settings."""
     port = free_port()
     pki = cluster.data_dir / "pki"
     # started once, before the timed part: a blocking spawn is fine here
@@ -94,17 +119,42 @@ async def bare_post_rate(cluster: Cluster, n: int) -> float:
                     break
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.05)
-            body = orjson.dumps(vm("bare"))
-
-            async def one(i: int) -> None:
-                async with s.post("/post", data=body) as r:
-                    await r.read()
-                    assert r.status == 201
-
-            return await run_concurrent(n, one)
+            yield proc.pid, s
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
+
+
+async def create_rounds(cluster: Cluster, n: int, rounds: int) -> tuple[list[Round], list[Round]]:
+    """Bare POSTs and API creates in alternating rounds (bare, API, bare, API, ...), so a drift in the
+    machine's speed hits both sides alike; each round also records the server's own CPU per request."""
+    server, token, _ = cluster.config()
+    assert cluster.proc is not None
+    api_pid = cluster.proc.pid
+    body = orjson.dumps(vm("bare"))
+    bare_rounds: list[Round] = []
+    api_rounds: list[Round] = []
+    per_round = max(1, n // rounds)
+    async with bare_server(cluster) as (bare_pid, bs), session(server, token, cluster.ssl_context()) as s:
+        async with s.post("/api/v1/namespaces", data=orjson.dumps({"metadata": {"name": "bench-create"}})) as r:
+            assert r.status in (201, 409), await r.text()
+
+        async def bare_post(i: int) -> None:
+            async with bs.post("/post", data=body) as r:
+                await r.read()
+                assert r.status == 201
+
+        async def create(i: int) -> None:
+            async with s.post(VMS.format(ns="bench-create"), data=orjson.dumps(vm(f"vm-{i}"))) as r:
+                await r.read()
+                assert r.status == 201, r.status
+
+        offset = 0
+        for _ in range(rounds):
+            bare_rounds.append(await measured(bare_pid, per_round, bare_post))
+            api_rounds.append(await measured(api_pid, per_round, lambda i, o=offset: create(i + o)))
+            offset += per_round
+    return bare_rounds, api_rounds
 
 
 async def api_figures(cluster: Cluster, n_creates: int, list_size: int, n_watchers: int) -> dict[str, float]:
@@ -115,15 +165,8 @@ async def api_figures(cluster: Cluster, n_creates: int, list_size: int, n_watche
             async with s.post("/api/v1/namespaces", data=orjson.dumps({"metadata": {"name": name}})) as r:
                 assert r.status in (201, 409), await r.text()
 
-        for name in ("bench-create", "bench-list", "bench-watch"):
+        for name in ("bench-list", "bench-watch"):
             await ns(name)
-
-        async def create(i: int) -> None:
-            async with s.post(VMS.format(ns="bench-create"), data=orjson.dumps(vm(f"vm-{i}"))) as r:
-                await r.read()
-                assert r.status == 201, r.status
-
-        out["creates_per_s"] = await run_concurrent(n_creates, create)
 
         async def get(i: int) -> None:
             async with s.get(VMS.format(ns="bench-create") + f"/vm-{i % n_creates}") as r:
@@ -200,13 +243,24 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="vp-bench-") as tmp:
         cluster = Cluster(Path(tmp), command="apiserver", extra_args=("--log-level", "warning")).start()
         try:
-            bare = await bare_post_rate(cluster, args.creates)
+            bare, creates = await create_rounds(cluster, args.creates, args.rounds)
             api = await api_figures(cluster, args.creates, args.list_size, args.watchers)
         finally:
             cluster.stop()
-    print(f"bare aiohttp trivial POST (HTTPS, {CONCURRENCY} concurrent): {bare:8.0f} req/s")
-    print(f"API create VirtualMachine:                      {api['creates_per_s']:8.0f} req/s "
-          f"({api['creates_per_s'] / bare:.0%} of bare; target >= 50%)")
+    med = statistics.median
+    ratios = [a.rate / b.rate for a, b in zip(creates, bare, strict=True)]
+    cpu_ratio = med(b.cpu_us for b in bare) / med(a.cpu_us for a in creates)
+    print(f"{args.rounds} alternating rounds of {args.creates // args.rounds} requests each, "
+          f"{CONCURRENCY} concurrent, HTTPS")
+    print(f"bare aiohttp trivial POST:  median {med(b.rate for b in bare):6.0f} req/s  "
+          f"(min {min(b.rate for b in bare):.0f}, max {max(b.rate for b in bare):.0f}); "
+          f"server CPU {med(b.cpu_us for b in bare):5.0f} us/request")
+    print(f"API create VirtualMachine:  median {med(a.rate for a in creates):6.0f} req/s  "
+          f"(min {min(a.rate for a in creates):.0f}, max {max(a.rate for a in creates):.0f}); "
+          f"server CPU {med(a.cpu_us for a in creates):5.0f} us/request")
+    print(f"API creates / bare POSTs, round by round: {' '.join(f'{r:.0%}' for r in ratios)}; "
+          f"median {med(ratios):.0%} (target >= 50%)")
+    print(f"server CPU per request, bare / API: {cpu_ratio:.0%} (the rate ratio if the server alone were the limit)")
     print(f"API get VirtualMachine:                         {api['gets_per_s']:8.0f} req/s")
     print(f"API list {args.list_size} VirtualMachines:                  {api['list_ms']:8.1f} ms (target < 1000)")
     print(f"watch latency, {args.watchers} watchers x 100 writes:      p50 {api['watch_p50_ms']:.1f} ms, "
@@ -218,6 +272,7 @@ def main() -> None:
     p.add_argument("--creates", type=int, default=3000)
     p.add_argument("--list-size", type=int, default=10000)
     p.add_argument("--watchers", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=6, help="alternating bare/API create rounds")
     asyncio.run(main_async(p.parse_args()))
 
 
