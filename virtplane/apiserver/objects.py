@@ -22,7 +22,7 @@ import orjson
 from virtplane import hypervisor
 from virtplane.api import admission, clock, patch, resources, validation
 from virtplane.api import apply as ssa
-from virtplane.apiserver import errors, registry, selectors
+from virtplane.apiserver import errors, registry, selectors, serviceips
 from virtplane.store import interface as store_api
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,11 @@ def spec_part(obj: JSON) -> JSON:
 
 
 class ObjectStore:
-    def __init__(self, store: store_api.Store, reg: registry.Registry) -> None:
+    def __init__(self, store: store_api.Store, reg: registry.Registry,
+                 service_network: serviceips.ServiceNetwork | None = None) -> None:  # fmt: skip
         self.store = store
         self.registry = reg
+        self.service_ips = serviceips.Allocator(store, service_network or serviceips.ServiceNetwork())
         self._recent: dict[tuple[str, int], Stored] = {}  # insertion-ordered: oldest first
         self._merge_keys_cache: dict[int, tuple[resources.Resource, patch.MergeKeys]] = {}
 
@@ -253,10 +255,19 @@ class ObjectStore:
             if await self.store.get(res.key(namespace, name)) is not None:
                 raise errors.already_exists(res, name)
             return WriteResult(obj, warnings)
+        reserved: list[str] = []
+        if _is_service(res):
+            if await self.store.get(res.key(namespace, name)) is not None:
+                raise errors.already_exists(res, name)  # before allocating: a duplicate must not take an address
+            reserved = await self.service_ips.allocate(res, obj, None)
         try:
             kv = await self.store.create(res.key(namespace, name), encode(obj))
         except store_api.KeyExistsError as exc:
+            await self.service_ips.release_keys(reserved)
             raise errors.already_exists(res, name) from exc
+        except BaseException:
+            await self.service_ips.release_keys(reserved)
+            raise
         meta["resourceVersion"] = str(kv.mod_revision)
         return WriteResult(obj, warnings)
 
@@ -441,6 +452,7 @@ class ObjectStore:
             return WriteResult(old, warnings)  # no-op writes keep their resourceVersion, as in Kubernetes
         if opts.dry_run:
             return WriteResult(new, warnings)
+        service = _is_service(res) and subresource != "status"
         if meta.get("deletionTimestamp") and not meta.get("finalizers") and not self._namespace_finalizers(
             res, new
         ):
@@ -448,13 +460,20 @@ class ObjectStore:
                 await self.store.delete(key, expected_revision=kv.mod_revision)
             except store_api.ConflictError as exc:
                 raise errors.conflict(res, meta["name"]) from exc
+            if _is_service(res):
+                await self.service_ips.release(old)
             return WriteResult(new, warnings)
+        reserved = await self.service_ips.allocate(res, new, old) if service else []
         try:
             nkv = await self.store.update(key, encode(new), expected_revision=kv.mod_revision)
         except store_api.ConflictError as exc:
+            await self.service_ips.release_keys(reserved)
             raise errors.conflict(res, meta["name"]) from exc
         except store_api.KeyNotFoundError as exc:
+            await self.service_ips.release_keys(reserved)
             raise errors.not_found(res, meta["name"]) from exc
+        if service:
+            await self.service_ips.release(old, keep=new)  # e.g. NodePort → ClusterIP gives its ports back
         meta["resourceVersion"] = str(nkv.mod_revision)
         return WriteResult(new, warnings)
 
@@ -532,6 +551,8 @@ class ObjectStore:
                 continue
             except store_api.KeyNotFoundError as exc:
                 raise errors.not_found(res, name) from exc
+            if _is_service(res):
+                await self.service_ips.release(obj)
             return obj, True
         raise errors.conflict(res, name)
 
@@ -729,6 +750,10 @@ class ObjectStore:
             raise errors.forbidden(
                 f"unable to create new content in namespace {namespace} because it is being terminated"
             )
+
+
+def _is_service(res: resources.Resource) -> bool:
+    return res.group == "" and res.plural == "services"
 
 
 # Where a kind carries a VMI spec the hypervisor must be able to run (KubeVirt field paths).

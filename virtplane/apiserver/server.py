@@ -28,6 +28,7 @@ from virtplane.apiserver import (
     metrics,
     objects,
     registry,
+    serviceips,
     upload,
 )
 from virtplane.store import interface as store_api
@@ -53,6 +54,7 @@ class ServerConfig:
     advertise_address: str = ""  # host:port clients use, for discovery's serverAddressByClientCIDRs
     # more addresses on the same port: the cluster bridge, where node agents in their own netns reach us
     extra_hosts: tuple[str, ...] = ()
+    service_cidr: str = serviceips.DEFAULT_SERVICE_CIDR  # kube-apiserver's --service-cluster-ip-range
 
 
 class APIServer:
@@ -60,7 +62,7 @@ class APIServer:
         self.store = store
         self.config = config
         self.registry = registry.Registry()
-        self.objects = objects.ObjectStore(store, self.registry)
+        self.objects = objects.ObjectStore(store, self.registry, serviceips.ServiceNetwork(config.service_cidr))
         self.metrics = metrics.Metrics()
         self.authenticator = (
             auth.TokenAuthenticator.from_file(config.token_file) if config.token_file else auth.TokenAuthenticator({})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import virtplane
-from virtplane.apiserver import auth, pki, server
+from virtplane.apiserver import auth, pki, server, serviceips
 from virtplane.cli import demo, nodes
 from virtplane.client import rest
 from virtplane.controllers import manager
@@ -65,6 +65,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default="", help="store URL (default sqlite:///DATA_DIR/state.db; etcd://host:port)")
     p.add_argument("--tls-san", action="append", default=[], help="extra name or IP for the serving certificate")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--service-cluster-ip-range", default=serviceips.DEFAULT_SERVICE_CIDR,
+                   help="the CIDR Service ClusterIPs are allocated from (as kube-apiserver's flag)")
 
 
 def prepare_apiserver(args: argparse.Namespace, extra_hosts: tuple[str, ...] = ()
@@ -82,7 +84,8 @@ def prepare_apiserver(args: argparse.Namespace, extra_hosts: tuple[str, ...] = (
         nodes.prepare_node_token(data, i)
     store_url = args.store or f"sqlite://{data / 'state.db'}"
     cfg = server.ServerConfig(host=args.bind_address, port=args.port, tls_cert=certs.cert, tls_key=certs.key,
-                              token_file=token_file, extra_hosts=extra_hosts)
+                              token_file=token_file, extra_hosts=extra_hosts,
+                              service_cidr=args.service_cluster_ip_range)
     return server.APIServer(open_store(store_url), cfg), certs, token
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from virtplane.client import rest
 from virtplane.controllers import (
     datavolume,
+    endpoints,
     garbage_collector,
     namespace,
     pvc,
@@ -37,6 +38,7 @@ class ControllerManager:
             virtualmachine.VMController(self.client),
             vmi.VMIController(self.client),
             scheduler.Scheduler(self.client),
+            endpoints.EndpointsController(self.client),
             storage_profiles.StorageProfileController(self.client, root),
             pvc.PVCController(self.client, root),
             datavolume.DataVolumeController(self.client, root),

@@ -144,7 +144,8 @@ class PodNetwork:
             self._ips[uid] = ip
         return self._ips[uid]
 
-    async def setup(self, uid: str, ports: Sequence[tuple[str, int]] = ()) -> PodAttachment:
+    async def setup(self, uid: str, ports: Sequence[tuple[str, int]] = (),
+                    dns_search: Sequence[str] = ()) -> PodAttachment:  # fmt: skip
         """Everything or nothing: on any failure what was done is undone (CNI DEL, netns removed)."""
         try:
             conflist = self.conflist()
@@ -168,7 +169,7 @@ class PodNetwork:
             state["podIP"] = pod_ip
             state["result"] = result
             self._save(uid, state)
-            state["dnsmasqPid"] = await self._masquerade(ns, uid, pod_ip, ports)
+            state["dnsmasqPid"] = await self._masquerade(ns, uid, pod_ip, ports, dns_search)
             self._save(uid, state)
             fd = await asyncio.to_thread(netns.open_tap, ns, TAP)
         except (cni.CNIError, netns.NetnsError, PodNetworkError, OSError, ValueError) as err:
@@ -180,7 +181,8 @@ class PodNetwork:
         self._ips[uid] = pod_ip
         return PodAttachment(uid=uid, netns=ns, pod_ip=pod_ip, tap_fd=fd)
 
-    async def _masquerade(self, ns: str, uid: str, pod_ip: str, ports: Sequence[tuple[str, int]]) -> int:
+    async def _masquerade(self, ns: str, uid: str, pod_ip: str, ports: Sequence[tuple[str, int]],
+                          dns_search: Sequence[str]) -> int:  # fmt: skip
         sh = netns.run_in
         await sh(ns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         await sh(ns, ["ip", "link", "add", BRIDGE, "type", "bridge"])
@@ -189,15 +191,31 @@ class PodNetwork:
         await sh(ns, ["ip", "link", "set", TAP, "master", BRIDGE, "up"])
         await sh(ns, ["ip", "link", "set", BRIDGE, "up"])
         await sh(ns, ["nft", "-f", "-"], stdin=nft_rules(pod_ip, ports).encode())
-        return await self._start_dnsmasq(ns, uid)
+        return await self._start_dnsmasq(ns, uid, dns_search)
 
-    async def _start_dnsmasq(self, ns: str, uid: str) -> int:
+    def dns_dir(self) -> Path:
+        """hosts files with the cluster's names (virtplane.network.services writes them); every VMI's dnsmasq
+        reads them through --hostsdir and notices changes by itself."""
+        d = self.state_dir / "dns"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    async def _start_dnsmasq(self, ns: str, uid: str, dns_search: Sequence[str]) -> int:
+        """DHCP for the guest's fixed address, and its DNS server (the gateway, as KubeVirt's masquerade binding
+        hands out the pod's resolv.conf): cluster names from the node's hosts files, the cluster domain
+        answered locally (NXDOMAIN, never forwarded), anything else to the host's upstream resolvers."""
         d = self.state_dir / "pods" / uid
         d.mkdir(parents=True, exist_ok=True)
+        dns = [f"--hostsdir={self.dns_dir()}", "--no-hosts", "--no-resolv", "--domain-needed"]
+        dns += [f"--server={s}" for s in upstream_resolvers()]
+        if dns_search:
+            dns += [f"--local=/{dns_search[-1]}/", f"--dhcp-option=option:domain-name,{dns_search[0]}",
+                    f"--dhcp-option=option:domain-search,{','.join(dns_search)}"]  # fmt: skip
         argv = netns.in_netns(ns, [
-            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--user=root", "--port=0",
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--user=root", "--port=53",
             f"--interface={BRIDGE}", "--bind-interfaces", "--except-interface=lo",
             f"--dhcp-range={GUEST_IP},{GUEST_IP},255.255.255.0,infinite", f"--dhcp-option=option:router,{GATEWAY}",
+            f"--dhcp-option=option:dns-server,{GATEWAY}", *dns,
             "--dhcp-authoritative", f"--dhcp-leasefile={d / 'leases'}", f"--log-facility={d / 'dnsmasq.log'}",
             "--log-dhcp",
         ])  # fmt: skip
@@ -253,6 +271,26 @@ async def _fix_bridge_macs(conflist: Mapping[str, Any]) -> None:
             digest = hashlib.sha256(name.encode()).digest()
             pinned = ":".join(f"{b:02x}" for b in (0x0A, 0x58, *digest[:4]))
             await netns.run(["ip", "link", "set", name, "address", pinned])
+
+
+def upstream_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """The host's nameservers a pod netns can reach: loopback ones (systemd-resolved's 127.0.0.53) are the
+    host's own and unreachable from another netns, so they are left out."""
+    out = []
+    try:
+        text = resolv_conf.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                addr = ipaddress.ip_address(parts[1].split("%")[0])
+            except ValueError:
+                continue
+            if not addr.is_loopback:
+                out.append(str(addr))
+    return out
 
 
 def _read_sys(path: str) -> str | None:

@@ -24,11 +24,13 @@ from typing import Any
 from virtplane.client import informer, rest
 from virtplane.client.events import EventRecorder
 from virtplane.hypervisor.accel import AccelProbe, probe_kvm
+from virtplane.network.services import ServiceRules
 from virtplane.storage import oci
 
-from . import nodeinfo
+from . import network, nodeinfo
 from .controller import PODS, VMIS, VMIController
 from .server import AgentServer, ProxyToken
+from .services import ServiceProxy
 from .status import NODE_NAME_LABEL
 from .tls import ensure_serving_cert
 from .volumes import VolumeResolver
@@ -95,6 +97,8 @@ class NodeAgent:
         self.server = AgentServer(controller, ProxyToken(self.client), cfg.name)
         port = await self.server.start(cfg.address, cfg.port, cert.ssl_context())
         log.info("node agent API listening", extra={"address": cfg.address, "port": port})
+        pod_net = network.pod_network()
+        proxy = ServiceProxy(self.client, ServiceRules(pod_net.state_dir)) if pod_net is not None else None
         try:
             await self._register_node()
             self._tasks.append(asyncio.create_task(self._lease_loop(), name="lease"))
@@ -108,6 +112,8 @@ class NodeAgent:
             for key in {*vmis.cache.keys(), *controller.runtimes.keys()}:
                 controller.enqueue(key)
             controller.queue.start()
+            if proxy is not None:
+                proxy.start()
             self.ready.set()
             log.info("node agent ready", extra={"node": cfg.name, "adopted": len(controller.runtimes)})
             await stop.wait()
@@ -118,6 +124,8 @@ class NodeAgent:
             for t in self._tasks:
                 with contextlib.suppress(BaseException):
                     await t
+            if proxy is not None:
+                await proxy.stop()
             await vmis.stop()
             await pods.stop()
             await controller.shutdown()

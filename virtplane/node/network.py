@@ -23,6 +23,7 @@ from typing import Any
 
 from virtplane.hypervisor.runtime import NetworkAttachment
 from virtplane.network.pod import PodNetwork, PodNetworkError, interface_ports
+from virtplane.network.services import DEFAULT_DOMAIN
 
 from .status import MASQUERADE_CIDR, MASQUERADE_GATEWAY, MASQUERADE_GUEST_IP
 
@@ -45,6 +46,11 @@ def configure_pod_network(mode: str, data_dir: Path, *, pod_cidr: str = "10.244.
         raise ValueError(f"pod network mode must be one of {POD_NETWORK_MODES}")
     _pod_network = None if mode == "user" else PodNetwork(
         data_dir.expanduser().resolve() / "network", conf_file=cni_config, pod_cidr=pod_cidr)  # fmt: skip
+
+
+def pod_network() -> PodNetwork | None:
+    """The node's CNI pod network, None on the interim user-mode network."""
+    return _pod_network
 
 
 def masquerade_attachment() -> NetworkAttachment:
@@ -111,6 +117,11 @@ def _masquerade_iface(vmi: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def cluster_search(namespace: str, domain: str = DEFAULT_DOMAIN) -> list[str]:
+    """The DNS search list a pod of `namespace` gets (the kubelet's ClusterFirst resolv.conf)."""
+    return [f"{namespace}.svc.{domain}", f"svc.{domain}", domain]
+
+
 # uid → our copy of the tap fd, from prepare() until QEMU has inherited it (release()).
 _tap_fds: dict[str, int] = {}
 
@@ -122,8 +133,9 @@ async def prepare(vmi: Mapping[str, Any]) -> None:
     uid = vmi["metadata"]["uid"]
     if _pod_network is None or iface is None or uid in _tap_fds:
         return
+    ns = (vmi.get("metadata") or {}).get("namespace") or "default"
     try:
-        att = await _pod_network.setup(uid, interface_ports(iface))
+        att = await _pod_network.setup(uid, interface_ports(iface), dns_search=cluster_search(ns))
     except PodNetworkError as err:
         raise NetworkSetupError(str(err)) from None
     assert att.tap_fd is not None

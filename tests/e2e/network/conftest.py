@@ -24,6 +24,7 @@ from tests.e2e.node.conftest import (  # noqa: F401 - admin/component are fixtur
     component_kubeconfig,
     requirements,
 )
+from virtplane.network import services
 from virtplane.testing import guest
 from virtplane.testing.cluster import REPO, Cluster
 
@@ -100,4 +101,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     os.kill(int(data["dnsmasqPid"]), signal.SIGTERM)
                 subprocess.run(["ip", "netns", "delete", data["netns"]], check=False, capture_output=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], check=False, capture_output=True)
+        # The agent removes its Service table when it stops; a killed one would leave it behind.
+        table = services.table_name((root / "node" / "network").resolve())
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False, capture_output=True)
         cluster.stop()

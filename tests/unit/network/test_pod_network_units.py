@@ -103,7 +103,8 @@ async def test_cni_mode_hands_qemu_the_prepared_tap_fd(tmp_path: Path, monkeypat
             network.attachments(_vmi())  # never silently falls back to user mode on a CNI node
         r, w = os.pipe()
 
-        async def fake_setup(self: pod.PodNetwork, uid: str, ports: Any = ()) -> pod.PodAttachment:
+        async def fake_setup(self: pod.PodNetwork, uid: str, ports: Any = (), dns_search: Any = ()
+                             ) -> pod.PodAttachment:
             return pod.PodAttachment(uid=uid, netns="vp-u1", pod_ip="10.244.0.9", tap_fd=r)
 
         monkeypatch.setattr(pod.PodNetwork, "setup", fake_setup)
@@ -121,7 +122,7 @@ async def test_cni_mode_hands_qemu_the_prepared_tap_fd(tmp_path: Path, monkeypat
 async def test_cni_setup_failure_is_a_network_setup_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     network.configure_pod_network("cni", tmp_path)
     try:
-        async def failing(self: pod.PodNetwork, uid: str, ports: Any = ()) -> pod.PodAttachment:
+        async def failing(self: pod.PodNetwork, uid: str, ports: Any = (), dns_search: Any = ()) -> pod.PodAttachment:
             raise pod.PodNetworkError("pod network: CNI plugin bridge ADD failed: boom")
 
         monkeypatch.setattr(pod.PodNetwork, "setup", failing)
