@@ -129,11 +129,11 @@ def split_row(label: str, s: MemSplit, extra: str = "") -> str:
 
 
 def with_tb_size(argv: list[str], tb: str) -> list[str]:
-    """The argv with only `-accel tcg` changed (tb-size in MiB; "default" leaves QEMU's own)."""
+    """The argv with only `-accel tcg` changed (tb-size in MiB; "default": QEMU's own, i.e. no tb-size)."""
     out = list(argv)
     i = out.index("-accel") + 1
-    if tb != "default":
-        out[i] = f"{out[i].split(',')[0]},tb-size={tb}"
+    accel = out[i].split(",")[0]
+    out[i] = accel if tb == "default" else f"{accel},tb-size={tb}"
     return out
 
 
