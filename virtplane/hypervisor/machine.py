@@ -36,8 +36,18 @@ from .errors import (
     QMPTimeoutError,
     UnsupportedSpecError,
 )
-from .process import ExitInfo, ProcessWatch, proc_cmdline, proc_state, reap_soon, spawn
+from .process import (
+    ExitInfo,
+    ProcessWatch,
+    nice_for_cpu_request,
+    proc_cmdline,
+    proc_state,
+    reap_soon,
+    set_niceness,
+    spawn,
+)
 from .qmp import QMP, EventStream, GuestAgent, QMPEvent
+from .quantity import QuantityError, parse_cpu
 from .runtime import KernelBootFiles, NetworkAttachment, ResolvedVolume, RuntimeDir
 from .stats import MachineStats, NetStats, block_stats, cpu_seconds, rss_bytes, tap_stats
 
@@ -172,6 +182,20 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 StateListener = Callable[[RunState, str], None]
 
+# KubeVirt's default cpuAllocationRatio: a VM without a CPU request asks for vCPUs / 10 cores.
+CPU_ALLOCATION_RATIO = 10
+
+
+def _cpu_request_cores(domain: Mapping[str, Any]) -> float:
+    """The VM's CPU request in cores, as its virt-launcher pod would carry it."""
+    value = ((domain.get("resources") or {}).get("requests") or {}).get("cpu")
+    if value is not None:
+        try:
+            return float(parse_cpu(value))
+        except QuantityError:
+            pass
+    return dev.vcpu_topology(domain)[0] / CPU_ALLOCATION_RATIO
+
 
 class Machine:
     """One VM's QEMU process. Create with `Machine.create(...)` (then `start()`), or `Machine.adopt(dir)`."""
@@ -179,9 +203,10 @@ class Machine:
     QMP_CONNECT_TIMEOUT: ClassVar[float] = 10.0
 
     def __init__(self, runtime: RuntimeDir, record: LaunchRecord, *, pass_fds: Iterable[int] = (),
-                 seed_files: Iterable[tuple[str, str]] = ()) -> None:  # fmt: skip
+                 seed_files: Iterable[tuple[str, str]] = (), nice: int = 0) -> None:  # fmt: skip
         self.runtime = runtime
         self.record = record
+        self._nice = nice  # CPU weight of the VM's CPU request (process.nice_for_cpu_request)
         self._pass_fds = tuple(pass_fds)
         self._seed_files = tuple(seed_files)
         self._state = RunState.CREATED
@@ -235,7 +260,8 @@ class Machine:
             argv=plan.argv, spec_hash=plan.spec_hash, accel=plan.accel, hotplug_ports=plan.hotplug_ports,
             has_scsi_controller=plan.has_scsi_controller, hotplug=hotplug, taps=taps,
         )  # fmt: skip
-        return cls(runtime, record, pass_fds=plan.pass_fds, seed_files=plan.seed_files)
+        return cls(runtime, record, pass_fds=plan.pass_fds, seed_files=plan.seed_files,
+                   nice=nice_for_cpu_request(_cpu_request_cores(domain)))
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -343,6 +369,7 @@ class Machine:
         rt = self.runtime
         self._prepare_runtime()
         self.pid = spawn(self.record.argv, rt.stderr_log, self._pass_fds)
+        set_niceness(self.pid, self._nice)  # QEMU is still setting up: its vCPU threads inherit it
         _write_atomic(rt.pid_file, f"{self.pid}\n".encode())
         self._watch = ProcessWatch(self.pid, self._on_exit)
         await self._attach_monitor(timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -81,6 +82,36 @@ def spawn(argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) -> 
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, inheritable)
         os.close(log_fd)
+
+
+def nice_for_cpu_request(cores: float | None) -> int:
+    """The CPU niceness that gives a VM the scheduler weight Kubernetes gives its CPU request.
+
+    The kubelet sets a container's cpu.shares to request x 1024 per core (100m -> 102) against 1024 for
+    the system's own daemons; the kernel's weight falls by ~1.25x per nice step (nice 0 = 1024, 10 = 110),
+    so nice = log1.25(1024 / shares). Without this, each QEMU (a session of its own, hence an autogroup of
+    its own) weighs as much as the node agent and the control plane together: 100 booting TCG guests on 2
+    cores then starve the agent that reports them Running. A request of a core or more stays at nice 0:
+    a VM never outranks the node's own processes.
+    """
+    if cores is None or cores >= 1:
+        return 0
+    shares = max(2.0, cores * 1024)
+    return min(19, round(math.log(1024 / shares, 1.25)))
+
+
+def set_niceness(pid: int, nice: int) -> None:
+    """Lower a process's CPU priority: its autogroup's (when the kernel groups by session, the weight that
+    counts between sessions) and each thread's (nice is per thread on Linux). Best effort: a process that
+    is gone or a kernel without autogroups is not an error."""
+    if nice <= 0:
+        return
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
 def proc_state(pid: int) -> str | None:

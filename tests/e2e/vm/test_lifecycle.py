@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -127,6 +128,11 @@ def test_vm_runs_boots_and_applies_cloud_init(cluster: Cluster, image: str) -> N
     assert re.match(r"\d+\.\d+\.\d+\.\d+", row[3]), row
     pods = cluster.kubectl("get", "pods", "-l", "kubevirt.io=virt-launcher", "-o", "name").stdout
     assert "virt-launcher-life-" in pods
+    # No CPU request: 1 vCPU / KubeVirt's allocation ratio 10 = 100m, weighted as the kubelet weighs 100m
+    # (102 shares ~ nice 10), so booting guests cannot starve the node agent.
+    pid = int((cluster.data_dir / "nodes" / vmi["status"]["nodeName"] / "runtime" / "default_life" / "pid").read_text())
+    assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == "10"
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 10
     metrics = cluster.get_raw("/metrics").decode()
     assert re.search(r'kubevirt_vmi_phase_count\{node="virtplane-node-\d+",phase="running"[^}]*\} [1-9]', metrics)
 

@@ -194,3 +194,13 @@ async def test_detached_machine_refuses_actions(machine: Machine) -> None:
     await machine.detach()
     with pytest.raises(InvalidStateError, match="detached"):
         await machine.pause()
+
+
+def test_cpu_request_sets_kubernetes_weight() -> None:
+    """cpu.shares = request x 1024 per core, as the kubelet sets it, expressed as a niceness."""
+    from virtplane.hypervisor.process import nice_for_cpu_request
+
+    assert nice_for_cpu_request(None) == 0 and nice_for_cpu_request(1) == 0 and nice_for_cpu_request(4) == 0
+    assert nice_for_cpu_request(0.1) == 10  # 102 shares: weight 110 at nice 10
+    assert nice_for_cpu_request(0.5) == 3
+    assert nice_for_cpu_request(0.001) == 19  # clamped
