@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import re
@@ -61,6 +62,7 @@ READY = b"virtplane-guest: ready"
 NODES = rest.GVR("", "v1", "nodes", namespaced=False)
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
 _METRIC = re.compile(r'^apiserver_request_total\{verb="([^"]+)",group="[^"]*",resource="([^"]*)",code="\d+"\} (\d+)$')
+_LATENCY = re.compile(r'^apiserver_request_duration_seconds_(sum|count)\{verb="([^"]+)",resource="([^"]*)"\} (\S+)$')
 WATCHDOG_FLOOR = 3 << 29  # 1.5 GiB MemAvailable: below this, stop and tear down
 
 
@@ -77,13 +79,27 @@ def pct(xs: list[float], p: float) -> float:
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
-async def write_counts(client: rest.Client) -> Counter[tuple[str, str]]:
-    """(verb, resource) → count of write requests so far, from the API server's /metrics."""
-    text = await client.request("GET", "/metrics")
-    out: Counter[tuple[str, str]] = Counter()
-    for line in str(text).splitlines():
+@dataclass
+class APIStats:
+    """From the API server's /metrics: write requests and server-side seconds spent, by (verb, resource)."""
+
+    writes: Counter[tuple[str, str]]
+    seconds: Counter[tuple[str, str]]
+    requests: Counter[tuple[str, str]]
+
+    def __sub__(self, other: APIStats) -> APIStats:
+        return APIStats(self.writes - other.writes, self.seconds - other.seconds, self.requests - other.requests)
+
+
+async def api_stats(client: rest.Client) -> APIStats:
+    text = str(await client.request("GET", "/metrics"))
+    out = APIStats(Counter(), Counter(), Counter())
+    for line in text.splitlines():
         if (m := _METRIC.match(line)) and m[1].split(":")[0] in WRITE_VERBS:
-            out[(m[1], m[2])] += int(m[3])
+            out.writes[(m[1], m[2])] += int(m[3])
+        elif m := _LATENCY.match(line):
+            target = out.seconds if m[1] == "sum" else out.requests
+            target[(m[2], m[3])] += float(m[4])  # type: ignore[assignment]
     return out
 
 
@@ -121,6 +137,7 @@ def control_plane_rss(env: Env) -> int:
 @dataclass
 class Run:
     created: dict[str, float] = field(default_factory=dict)  # name → monotonic time of its POST
+    created_wall: dict[str, float] = field(default_factory=dict)  # the same, wall clock (cmdline.json's started_at)
     aborted: str = ""
     min_available: int = 1 << 62
 
@@ -154,7 +171,7 @@ async def warm_nodes(env: Env, client: rest.Client, watch: VMIWatch, nodes: list
 
 
 async def create_paced(client: rest.Client, env: Env, run: Run, count: int, interval: float, memory: str,
-                       cpu: str, grace: int) -> None:
+                       cpu: str, grace: int, paused: bool) -> None:
     """POST one VMI every `interval` s on a fixed schedule (a slow answer does not delay the next POST)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -167,6 +184,9 @@ async def create_paced(client: rest.Client, env: Env, run: Run, count: int, inte
             break
         m = vmi_manifest(f"density-{i:03d}", env.image, memory=memory, cpu=cpu, cloud_init=False, grace=grace)
         m["metadata"]["labels"] = {"bench": "density"}
+        if paused:
+            m["spec"]["startStrategy"] = "Paused"
+        run.created_wall[m["metadata"]["name"]] = time.time()
         run.created[m["metadata"]["name"]] = time.monotonic()
         tasks.append(asyncio.create_task(client.create(VMIS, m, NS)))
     await asyncio.gather(*tasks)
@@ -219,30 +239,44 @@ async def measure(env: Env, args: argparse.Namespace, n_nodes: int) -> None:
             print(f"{n_nodes} nodes Ready, image pulled on each ({time.monotonic() - t:.1f} s); load {loadavg()}",
                   flush=True)
             cp_rss0 = control_plane_rss(env)
-            writes0 = await write_counts(client)
+            writes0 = await api_stats(client)
             t_first = time.monotonic()
-            await create_paced(client, env, run, args.count, args.interval, args.memory, args.cpu, args.grace)
+            await create_paced(client, env, run, args.count, args.interval, args.memory, args.cpu, args.grace,
+                               args.paused)
             t_posted = time.monotonic()
             running = await wait_all_running(watch, run, args.running_timeout)
-            writes1 = await write_counts(client)
+            writes1 = await api_stats(client)
             t_all_running = time.monotonic()
             n = len(run.created)
             print(f"created {n} VMIs in {t_posted - t_first:.1f} s; {len(running)} Running, the last "
                   f"{t_all_running - t_first:.1f} s after the first POST; load {loadavg()}", flush=True)
             lat = list(running.values())
             report_latency(watch, run, lat)
-            report_writes(writes0, writes1, n)
+            report_writes(writes1 - writes0, n)
 
             # idle memory once the guests have booted
             paths = {name: env.runtime_dir(watch.seen[name].node, name) for name in running}
-            t_boot = time.monotonic()
-            ready = await wait_all_ready({k: p / "console.log" for k, p in paths.items()}, run, args.boot_timeout)
-            last = max(ready.values(), default=t_boot) - t_first
-            print(f"{len(ready)}/{len(paths)} guests printed `ready`, the last {last:.0f} s after the first POST; "
-                  f"settling {args.settle:.0f} s; load {loadavg()}", flush=True)
-            if not run.aborted:
+            spawned = []
+            for name, path in paths.items():
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    started = json.loads((path / "cmdline.json").read_text())["started_at"]
+                    spawned.append(started - run.created_wall[name])
+            if spawned:
+                print("  " + summary("creation → QEMU spawned", spawned) + " (cmdline.json started_at)")
+            ready: dict[str, float] = {}
+            if not args.paused:  # paused guests never boot
+                t_boot = time.monotonic()
+                ready = await wait_all_ready({k: p / "console.log" for k, p in paths.items()}, run, args.boot_timeout)
+                last = f", the last {max(ready.values()) - t_first:.0f} s after the first POST" if ready else ""
+                print(f"{len(ready)}/{len(paths)} guests printed `ready`{last} ({time.monotonic() - t_boot:.0f} s "
+                      f"waited); load {loadavg()}", flush=True)
+                for name in sorted(set(paths) - set(ready))[:5]:  # why not: the guest's last words and CPU
+                    tail = (paths[name] / "console.log").read_bytes()[-300:].decode(errors="replace")
+                    pid = int((paths[name] / "pid").read_text())
+                    print(f"  {name} not ready (QEMU CPU {cpu_seconds(pid):.0f} s); console.log ends: {tail!r}")
+            if not run.aborted and ready:
                 await asyncio.sleep(args.settle)
-                report_memory(env, paths, guest_bytes, cp_rss0)
+                report_memory(env, {k: v for k, v in paths.items() if k in ready}, guest_bytes, cp_rss0)
                 pids = [int((p / "pid").read_text()) for p in paths.values()]
                 c0 = sum(cpu_seconds(p) for p in pids)
                 await asyncio.sleep(10)
@@ -255,17 +289,17 @@ async def measure(env: Env, args: argparse.Namespace, n_nodes: int) -> None:
             for name, p in paths.items():
                 with contextlib.suppress(OSError, ValueError):
                     pids[name] = int((p / "pid").read_text())
-            writes2 = await write_counts(client)
+            writes2 = await api_stats(client)
             t0 = time.monotonic()
             await asyncio.gather(*(client.delete(VMIS, name, NS) for name in run.created))
             gone = await asyncio.gather(*(watch.wait(name, deleted=True, timeout=600) for name in run.created))
             while any(not pid_gone(p) for p in pids.values()):  # noqa: ASYNC110 - nothing signals an exit to us
                 await asyncio.sleep(0.05)
             t_end = time.monotonic()
-            writes3 = await write_counts(client)
+            writes3 = await api_stats(client)
             print(f"teardown: DELETE all {n} → every VMI gone and every QEMU exited: {t_end - t0:.1f} s "
                   f"(last VMI gone after {max(gone) - t0:.1f} s); writes per VMI "
-                  f"{sum((writes3 - writes2).values()) / n:.1f}")
+                  f"{sum((writes3 - writes2).writes.values()) / n:.1f}")
         finally:
             stop_dog.set()
             await dog
@@ -285,14 +319,15 @@ def report_latency(watch: VMIWatch, run: Run, lat: list[float]) -> None:
             print("  " + summary(f"creation → {phase:<10}", xs))
 
 
-def report_writes(before: Counter[tuple[str, str]], after: Counter[tuple[str, str]], n: int) -> None:
-    diff = after - before
-    total = sum(diff.values())
-    per_vmi = {k: v for k, v in diff.items() if k[1] not in ("leases", "nodes")}
+def report_writes(diff: APIStats, n: int) -> None:
+    total = sum(diff.writes.values())
+    per_vmi = {k: v for k, v in diff.writes.items() if k[1] not in ("leases", "nodes")}
     print(f"API writes while creating and starting: {total} = {total / n:.1f} per VMI; without node heartbeats "
-          f"(leases, nodes) {sum(per_vmi.values()) / n:.1f} per VMI:")
-    for (verb, res), v in sorted(diff.items(), key=lambda kv: -kv[1]):
-        print(f"    {verb:<14} {res:<28} {v:5d}  ({v / n:.2f}/VMI)")
+          f"(leases, nodes) {sum(per_vmi.values()) / n:.1f} per VMI (server-side mean latency of each):")
+    for (verb, res), v in sorted(diff.writes.items(), key=lambda kv: -kv[1]):
+        k = (verb, res)
+        mean = f"{diff.seconds[k] / diff.requests[k] * 1000:6.1f} ms" if diff.requests[k] else ""
+        print(f"    {verb:<14} {res:<28} {v:5d}  ({v / n:.2f}/VMI)  {mean}")
 
 
 def report_memory(env: Env, paths: dict[str, Path], guest_bytes: int, cp_rss0: int) -> None:
@@ -307,7 +342,7 @@ def report_memory(env: Env, paths: dict[str, Path], guest_bytes: int, cp_rss0: i
         return statistics.mean(f(s) for s in splits)
 
     cp = control_plane_rss(env) - cp_rss0
-    print(f"idle memory, average of {len(splits)} VMs: PSS {mib(avg(lambda s: s.pss))}  guest RAM "
+    print(f"idle memory, average of the {len(splits)} booted VMs: PSS {mib(avg(lambda s: s.pss))}  guest RAM "
           f"{mib(avg(lambda s: s.guest_ram))}  TCG cache {mib(avg(lambda s: s.tcg))}  rest {mib(avg(lambda s: s.rest))}"
           f"  => overhead {mib(avg(lambda s: s.overhead))} MiB/VM (target ≤ 64; max "
           f"{mib(max(s.overhead for s in splits))})")
@@ -326,12 +361,16 @@ def main() -> None:
     p.add_argument("--margin-gib", type=float, default=4.0, help="MemAvailable to leave to everyone else")
     p.add_argument("--overhead-mib", type=float, default=128.0,
                    help="host memory per VM beyond guest RAM, for the capacity cap (bench/vm_memory.py)")
+    p.add_argument("--paused", action="store_true",
+                   help="startStrategy Paused: QEMU starts, the vCPUs never run (phase Running, condition Paused), "
+                        "so the control plane is measured without the guests' TCG load; no memory figures")
     p.add_argument("--running-timeout", type=float, default=600.0)
     p.add_argument("--boot-timeout", type=float, default=900.0, help="how long to wait for every guest's `ready`")
     p.add_argument("--settle", type=float, default=20.0, help="idle seconds after boot before measuring memory")
     args = p.parse_args()
 
-    per_vm = parse_bytes(args.memory) + args.overhead_mib * MiB
+    # A paused guest's RAM is never touched (not resident): only QEMU's own memory counts.
+    per_vm = (0 if args.paused else parse_bytes(args.memory)) + args.overhead_mib * MiB
     avail = mem_available()
     fits = int(max(0, avail - args.margin_gib * (1 << 30)) // per_vm)
     print(f"MemAvailable {avail / (1 << 30):.1f} GiB - margin {args.margin_gib:g} GiB holds {fits} VMs of "
@@ -343,7 +382,8 @@ def main() -> None:
     milli = parse_bytes(args.cpu.removesuffix("m")) if args.cpu.endswith("m") else int(float(args.cpu) * 1000)
     n_nodes = math.ceil(args.count * milli / (cpus * 1000)) if args.nodes == "auto" else int(args.nodes)
     print(f"{args.count} VMIs ({args.memory}, {args.cpu}) {args.interval * 1000:.0f} ms apart on {n_nodes} node "
-          f"agents ({cpus} cores each by the scheduler's count); load {loadavg()}", flush=True)
+          f"agents ({cpus} cores each by the scheduler's count); load {loadavg()}"
+          + ("; startStrategy Paused" if args.paused else ""), flush=True)
     with bench_env(nodes=n_nodes) as env:
         asyncio.run(measure(env, args, n_nodes))
 
