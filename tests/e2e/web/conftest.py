@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,37 @@ def image(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def browser(image: str) -> Iterator[Any]:
+def image_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A plain HTTP server on 127.0.0.1 serving the tiny qcow2, as a user's image server would (URL import)."""
+    d = tmp_path_factory.mktemp("web-http")
+    src = guest.image_paths().qcow2
+    try:
+        os.link(src, d / src.name)
+    except OSError:
+        shutil.copy(src, d / src.name)
+    port = guest.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(d),
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/{src.name}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=1):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser(image: str, image_url: str) -> Iterator[Any]:
     if not CHROMIUM.exists() or shutil.which("node") is None:
         pytest.fail("chromium and nodejs are required (deps/apt.txt; `make setup` installs them)")
     if not (serve.DIST / "index.html").exists():

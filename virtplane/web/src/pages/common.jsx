@@ -22,20 +22,28 @@ export function isRunning(vm, vmi) {
 // Which actions the server would accept now (it answers 409 otherwise).
 export function allowedActions(vm, vmi) {
   const running = isRunning(vm, vmi);
+  const paused = Boolean(vmi && ((vmi.status && vmi.status.conditions) || []).some((c) => c.type === 'Paused' && c.status === 'True'));
   const strategy = (vm.spec && vm.spec.runStrategy) || (vm.spec && vm.spec.running ? 'Always' : 'Halted');
   return {
     start: !running && !vm.metadata.deletionTimestamp,
     stop: running || strategy === 'Always' || strategy === 'RerunOnFailure',
     restart: running,
+    pause: running && !paused && vmi.status && vmi.status.phase === 'Running',
+    unpause: paused,
     delete: !vm.metadata.deletionTimestamp,
   };
 }
 
-export const ACTION_LABELS = { start: 'Start', stop: 'Stop', restart: 'Restart', delete: 'Delete' };
+export const ACTION_LABELS = {
+  start: 'Start', stop: 'Stop', restart: 'Restart', pause: 'Pause', unpause: 'Unpause', delete: 'Delete',
+};
 
 export async function runAction(action, vm) {
   const { namespace, name } = vm.metadata;
   if (action === 'delete') return request('DELETE', resourcePath(R.vms, namespace, name));
+  if (action === 'pause' || action === 'unpause') {
+    return request('PUT', `/apis/subresources.kubevirt.io/v1/namespaces/${namespace}/virtualmachineinstances/${name}/${action}`, {});
+  }
   return vmAction(namespace, name, action);
 }
 
