@@ -675,11 +675,10 @@ def _boot_order_and_disk_volume_causes(p: str, spec: JSON, disks: list[JSON], vo
     for idx, disk in enumerate(disks):
         vol = by_name.get(disk.get("name"))
         if vol is None:
+            # An empty CD-ROM is allowed: virtplane behaves as KubeVirt with DeclarativeHotplugVolumes enabled
+            # (media are inserted and ejected by adding/removing a hotpluggable volume of the disk's name).
             if disk.get("cdrom") is None:
                 causes.append(_invalid(f"{dp}[{idx}].name", f"{dp}[{idx}].Name '{disk.get('name')}' not found."))
-            else:
-                causes.append(_invalid(f"{dp}[{idx}].name", "DeclarativeHotplugVolumes feature gate not enabled, "
-                                       "cannot define an empty CD-ROM disk"))
         elif disk.get("lun") is not None and vol.get("persistentVolumeClaim") is None \
                 and vol.get("dataVolume") is None:
             causes.append(_invalid(f"{dp}[{idx}].lun", f"{dp}[{idx}].lun can only be mapped to a DataVolume or "

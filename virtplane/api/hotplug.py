@@ -49,8 +49,15 @@ def without_hotplug(spec: Mapping[str, Any]) -> JSON:
     out["volumes"] = [v for v in out.get("volumes") or [] if v.get("name") not in names]
     devices = (out.get("domain") or {}).get("devices")
     if isinstance(devices, dict) and devices.get("disks"):
-        devices["disks"] = [d for d in devices["disks"] if d.get("name") not in names]
+        # A CD-ROM drive stays when its medium is a hotplugged volume: inserting or ejecting is live.
+        devices["disks"] = [d for d in devices["disks"] if d.get("name") not in names or "cdrom" in d]
     return out
+
+
+def empty_cdrom_names(spec: Mapping[str, Any]) -> set[str]:
+    volumes = {v.get("name") for v in spec.get("volumes") or []}
+    disks = ((spec.get("domain") or {}).get("devices") or {}).get("disks") or []
+    return {str(d["name"]) for d in disks if "cdrom" in d and d.get("name") not in volumes}
 
 
 def parse_add(body: Mapping[str, Any]) -> tuple[JSON, JSON]:
@@ -96,8 +103,11 @@ def add_volume(spec: JSON, volume: JSON, disk: JSON) -> JSON:
     """Append the volume and its disk; HotplugRequestError(conflict) when the name is taken."""
     name = volume["name"]
     devices = spec.setdefault("domain", {}).setdefault("devices", {})
+    # An empty CD-ROM drive of that name takes the volume as its medium (cdrom inject); the drive keeps its
+    # own settings (bus, bootOrder).
+    insert = name in empty_cdrom_names(spec)
     if any(v.get("name") == name for v in spec.get("volumes") or []) \
-            or any(d.get("name") == name for d in devices.get("disks") or []):
+            or (not insert and any(d.get("name") == name for d in devices.get("disks") or [])):
         raise HotplugRequestError("name", f"Unable to add volume [{name}] because volume with that name already "
                                           "exists", conflict=True)  # fmt: skip
     kind = next(k for k in SOURCES if k in volume)
@@ -109,12 +119,14 @@ def add_volume(spec: JSON, volume: JSON, disk: JSON) -> JSON:
             raise HotplugRequestError("volumeSource", f"Unable to add volume source [{ref}] because it already "
                                                       f"exists as volume [{v.get('name')}]", conflict=True)
     spec.setdefault("volumes", []).append(volume)
-    devices.setdefault("disks", []).append(disk)
+    if not insert:
+        devices.setdefault("disks", []).append(disk)
     return spec
 
 
 def remove_volume(spec: JSON, name: str) -> JSON:
-    """Drop a hotpluggable volume and its disk; HotplugRequestError when missing or not hotpluggable."""
+    """Drop a hotpluggable volume and its disk (a CD-ROM drive stays, empty: cdrom eject); HotplugRequestError
+    when missing or not hotpluggable."""
     if not name:
         raise HotplugRequestError("name", "RemoveVolumeOptions requires name to be set")
     volume = next((v for v in spec.get("volumes") or [] if v.get("name") == name), None)
@@ -127,7 +139,7 @@ def remove_volume(spec: JSON, name: str) -> JSON:
     spec["volumes"] = [v for v in spec.get("volumes") or [] if v.get("name") != name]
     devices = (spec.get("domain") or {}).get("devices") or {}
     if devices.get("disks"):
-        devices["disks"] = [d for d in devices["disks"] if d.get("name") != name]
+        devices["disks"] = [d for d in devices["disks"] if d.get("name") != name or "cdrom" in d]
     return spec
 
 

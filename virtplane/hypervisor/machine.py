@@ -87,6 +87,7 @@ ALLOWED: dict[str, frozenset[RunState]] = {
     "hotplug_disk": frozenset({_S.RUNNING, _S.PAUSED}),
     "unplug_disk": frozenset({_S.RUNNING, _S.PAUSED}),
     "hotplug_nic": frozenset({_S.RUNNING, _S.PAUSED}),
+    "change_medium": frozenset({_S.RUNNING, _S.PAUSED}),
     "unplug_nic": frozenset({_S.RUNNING, _S.PAUSED}),
     "query_status": _ALIVE,
     "stats": _ALIVE,
@@ -590,6 +591,33 @@ class Machine:
                     # Idempotent: a retried unplug finds the nodes of the first attempt already gone.
                     if "Failed to find node" not in err.message:
                         raise
+
+    async def change_medium(self, disk: Mapping[str, Any], volume: ResolvedVolume | None) -> None:
+        """Insert a medium into a CD-ROM drive (KubeVirt's cdrom inject), or eject it (`volume` None).
+
+        The drive stays (the guest keeps its /dev/sr0); only its medium changes: open the tray (forced: a guest
+        may have locked it), remove and delete the old medium's block nodes, add and insert the new one, close
+        the tray. The guest sees a media change, as with a real drive."""
+        async with self._lock:
+            self._guard("change_medium")
+            name = str(disk["name"])
+            device_id = dev.disk_device_id(name)
+            names = dev.block_node_names(name)
+            await self._qmp_exec("blockdev-open-tray", {"id": device_id, "force": True})
+            await self._qmp_exec("blockdev-remove-medium", {"id": device_id})
+            for node_name in (names.format, names.file):
+                try:
+                    await self._qmp_exec("blockdev-del", {"node-name": node_name})
+                except QMPCommandError as err:
+                    if "Failed to find node" not in err.message:  # an empty drive has none
+                        raise
+            if volume is not None:
+                hp = self.record.hotplug
+                plan = dev.plan_disk(dict(disk), volume, field="disk", vcpus=hp.vcpus)
+                for node in plan.nodes:
+                    await self._qmp_exec("blockdev-add", node)
+                await self._qmp_exec("blockdev-insert-medium", {"id": device_id, "node-name": names.format})
+            await self._qmp_exec("blockdev-close-tray", {"id": device_id})
 
     async def hotplug_nic(self, iface: Mapping[str, Any], attachment: NetworkAttachment) -> str:
         """Attach a NIC (KubeVirt interface entry + host side) on a spare root port; returns its device id."""

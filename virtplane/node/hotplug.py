@@ -14,6 +14,7 @@ none, QEMU opens the claim directly) and the message KubeVirt uses once attached
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -36,9 +37,17 @@ RETRY_NOT_READY = 3.0
 
 def record_boot(meta: RuntimeMeta, vmi: Mapping[str, Any]) -> None:
     """Hotpluggable volumes present when QEMU starts are attached at boot: record them so that removing them
-    from the spec later unplugs them."""
+    from the spec later unplugs them. CD-ROM drives are recorded with their medium: their volume changing
+    later inserts or ejects media instead."""
     spec = vmi.get("spec") or {}
     meta.hotplug = {name: _ready(name) for name in api_hotplug.hotplug_volume_names(spec)}
+    disks = ((spec.get("domain") or {}).get("devices") or {}).get("disks") or []
+    meta.cdroms = {str(d["name"]): _medium(spec, d["name"]) for d in disks if "cdrom" in d}
+
+
+def _medium(spec: Mapping[str, Any], name: str) -> str:
+    volume = next((v for v in spec.get("volumes") or [] if v.get("name") == name), None)
+    return json.dumps(volume, sort_keys=True) if volume is not None else ""
 
 
 def _ready(name: str) -> JSON:
@@ -52,11 +61,11 @@ async def reconcile(resolver: VolumeResolver, vmi: Mapping[str, Any], rt: VMIRun
     if machine is None or machine.state not in (RunState.RUNNING, RunState.PAUSED):
         return None
     spec = vmi.get("spec") or {}
-    wanted = api_hotplug.hotplug_volume_names(spec)
+    drives = rt.meta.cdroms
+    wanted = [n for n in api_hotplug.hotplug_volume_names(spec) if n not in drives]
     state = rt.meta.hotplug
-    retry: float | None = None
-    changed = False
-    for name in [n for n in state if n not in wanted]:
+    retry, changed = await _media(resolver, vmi, rt, recorder)
+    for name in [n for n in state if n not in wanted and n not in drives]:
         state[name] = {"phase": DETACHING, "reason": "VolumeDetaching", "message": f"Detaching volume {name}"}
         try:
             await machine.unplug_disk(name, timeout=UNPLUG_TIMEOUT)
@@ -97,6 +106,49 @@ async def reconcile(resolver: VolumeResolver, vmi: Mapping[str, Any], rt: VMIRun
     if changed:
         rt.save()
     return retry
+
+
+async def _media(resolver: VolumeResolver, vmi: Mapping[str, Any], rt: VMIRuntime,
+                 recorder: EventRecorder) -> tuple[float | None, bool]:  # fmt: skip
+    """CD-ROM drives follow their volume: a new one is inserted as the medium, a removed one is ejected."""
+    machine = rt.machine
+    assert machine is not None
+    spec = vmi.get("spec") or {}
+    disks = {d.get("name"): d for d in ((spec.get("domain") or {}).get("devices") or {}).get("disks") or []}
+    state = rt.meta.hotplug
+    retry: float | None = None
+    changed = False
+    for name, current in list(rt.meta.cdroms.items()):
+        desired = _medium(spec, name)
+        disk = disks.get(name)
+        if desired == current or disk is None or "cdrom" not in disk:
+            continue
+        volume = next((v for v in spec.get("volumes") or [] if v.get("name") == name), None)
+        try:
+            resolved = None
+            if volume is not None:
+                resolved, info = await resolver.resolve_volume(vmi, volume, rt.disks_dir, f"volume {name}")
+            await machine.change_medium(disk, resolved)
+        except VolumeNotReady as err:
+            state[name] = {"phase": PENDING, "reason": err.reason, "message": err.message}
+            retry, changed = RETRY_NOT_READY, True
+            continue
+        except (VolumeError, HypervisorError) as err:
+            log.warning("changing the medium of %s in %s/%s failed: %s", name, *rt.key, err)
+            state[name] = {"phase": PENDING, "reason": "HotplugFailed", "message": f"cannot insert {name}: {err}"}
+            changed = True
+            continue
+        rt.meta.cdroms[name] = desired
+        changed = True
+        if resolved is not None:
+            state[name] = _ready(name)
+            rt.meta.volume_extra[name] = info
+            await recorder.event(dict(vmi), "Normal", "MediaInserted", f"Inserted volume {name} into its CD-ROM drive")
+        else:
+            state.pop(name, None)
+            rt.meta.volume_extra.pop(name, None)
+            await recorder.event(dict(vmi), "Normal", "MediaEjected", f"Ejected the medium of CD-ROM drive {name}")
+    return retry, changed
 
 
 def apply_status(obj: JSON, rt: VMIRuntime) -> None:

@@ -67,6 +67,8 @@ class RuntimeMeta:
     reported_final: str = ""  # the final phase already written, so a restart does not repeat events
     # Hotpluggable volumes QEMU has (or is getting): name → {phase, reason, message} (virtplane.node.hotplug)
     hotplug: dict[str, JSON] = dataclasses.field(default_factory=dict)
+    # CD-ROM drives QEMU has: name → the volume inserted as their medium (canonical JSON; "" when empty)
+    cdroms: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> JSON:
         return dataclasses.asdict(self)

@@ -4,6 +4,9 @@ A VM boots from a containerDisk (a real registry on 127.0.0.1); blank DataVolume
 one into the VMI only (gone after a restart, as in KubeVirt), one with --persist (written into the VM spec,
 still there after a restart). The guest's serial console (the `consolelog` subresource) shows
 `virtplane-guest: disk NAME added/removed` from the guest's own hotplug handler (images/README.md).
+
+CD-ROM media: a VM with an empty drive gets a medium inserted and ejected (through the VMI subresources, then
+declaratively by editing the VM); a root shell on the serial console (`virtctl console`) reads /dev/sr0.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
 
 from virtplane.testing import guest
@@ -27,6 +31,9 @@ from virtplane.testing.cluster import Cluster
 
 pytestmark = pytest.mark.e2e
 SUB = "/apis/subresources.kubevirt.io/v1/namespaces/default"
+REPO = Path(__file__).resolve().parents[3]
+PROMPT = re.compile(rb"root@[\w.-]+:[^\r\n]*# ")
+MARK = b"VPMEDIA1"
 ADDED = re.compile(r"virtplane-guest: disk (\w+) added")
 
 
@@ -203,3 +210,79 @@ def test_hotplug_unplug_persist(cluster: Cluster, image: str) -> None:
     finally:
         cluster.kubectl("delete", "vm", "hot", "--wait=false", check=False)
         wait_for(lambda: get(cluster, "vmi", "hot") is None, 90, what="VMI hot gone")
+
+
+def medium_path(c: Cluster, claim: str) -> Path:
+    pvc = get(c, "pvc", claim) or {}
+    pv = get(c, "pv", pvc["spec"]["volumeName"]) or {}
+    return Path(pv["metadata"]["annotations"]["storage.virtplane.io/directory"]) / "disk.img"
+
+
+class Shell:
+    """A root shell on the VM's serial console through `virtctl console`."""
+
+    def __init__(self, c: Cluster, name: str) -> None:
+        env = {**os.environ, "KUBECONFIG": str(c.kubeconfig)}
+        self.child = pexpect.spawn(sys.executable, ["-m", "virtplane.cli.virtctl", "console", name, "--timeout", "3"],
+                                   cwd=str(REPO), env=env, timeout=120, dimensions=(40, 200))
+        self.child.expect(rb"Successfully connected")
+        self.child.send(b"\r")
+        self.child.expect(rb"login: ")
+        self.child.send(b"root\r")
+        self.child.expect(PROMPT)
+
+    def run(self, command: str, timeout: float = 30) -> bytes:
+        self.child.send(command.encode() + b"\r")
+        self.child.expect(PROMPT, timeout=timeout)
+        return bytes(self.child.before)
+
+    def close(self) -> None:
+        self.child.close(force=True)
+
+
+def test_cdrom_inject_and_eject(cluster: Cluster, image: str) -> None:
+    blank_dv(cluster, "media")
+    wait_for(lambda: ((get(cluster, "dv", "media") or {}).get("status") or {}).get("phase") == "Succeeded", 60,
+             what="DataVolume media")
+    with open(medium_path(cluster, "media"), "r+b") as f:  # a recognisable first sector for the guest to read
+        f.write(MARK)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "cd"},
+        "spec": {"runStrategy": "Always", "template": {
+            "metadata": {"labels": {"kubevirt.io/vm": "cd"}},
+            "spec": {"terminationGracePeriodSeconds": 0,
+                     "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}},
+                                                      {"name": "drive", "cdrom": {"bus": "sata"}}]},
+                                "resources": {"requests": {"memory": "128Mi"}}},
+                     "volumes": [{"name": "root", "containerDisk": {"image": image}}]}}}}))
+    read = "dd if=/dev/sr0 bs=2048 count=1 2>&1 | head -c 64; echo"
+    shell: Shell | None = None
+    try:
+        boot(cluster, "cd")
+        shell = Shell(cluster, "cd")
+        assert b"No medium found" in shell.run(read)
+
+        # inject declaratively: the VM gets a hotpluggable volume named after the drive, the VM controller
+        # carries it to the VMI, the node agent inserts it as the drive's medium
+        medium = {"name": "drive", "dataVolume": {"name": "media", "hotpluggable": True}}
+        cluster.kubectl("patch", "vm", "cd", "--type=json", "-p", json.dumps(
+            [{"op": "add", "path": "/spec/template/spec/volumes/-", "value": medium}]))
+        wait_for(lambda: (volume_status(cluster, "cd", "drive") or {}).get("phase") == "Ready", 60, what="inserted")
+        wait_for(lambda: MARK in shell.run(read), 30, interval=1, what="the guest to read the medium")
+        vmi = get(cluster, "vmi", "cd") or {}
+        assert [d["name"] for d in vmi["spec"]["domain"]["devices"]["disks"]] == ["root", "drive"]  # same drive
+        vm = get(cluster, "vm", "cd") or {}
+        assert not any(c["type"] == "RestartRequired" for c in vm["status"].get("conditions") or [])
+
+        # eject: the volume leaves the VM, the drive stays, empty
+        cluster.kubectl("patch", "vm", "cd", "--type=json", "-p", json.dumps(
+            [{"op": "remove", "path": "/spec/template/spec/volumes/1"}]))
+        wait_for(lambda: volume_status(cluster, "cd", "drive") is None, 60, what="ejected")
+        wait_for(lambda: b"No medium found" in shell.run(read), 30, interval=1, what="the guest to see no medium")
+        events = cluster.kubectl("get", "events", "--field-selector", "involvedObject.name=cd").stdout
+        assert "MediaInserted" in events and "MediaEjected" in events, events
+    finally:
+        if shell is not None:
+            shell.close()
+        cluster.kubectl("delete", "vm", "cd", "--wait=false", check=False)
+        wait_for(lambda: get(cluster, "vmi", "cd") is None, 90, what="VMI cd gone")

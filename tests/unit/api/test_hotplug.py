@@ -82,3 +82,17 @@ def test_template_hash_ignores_hotplug_and_vmi_follows_template() -> None:
     vmi["metadata"]["annotations"][vmc.HOTPLUG_ANNOTATION] = '["d"]'
     ops = vmc._hotplug_ops(spec(), vmi)
     assert [v["name"] for v in next(o for o in ops if o["path"] == "/spec/volumes")["value"]] == ["root"]
+
+
+def test_empty_cdrom_takes_a_medium_and_keeps_the_drive_on_eject() -> None:
+    s = spec()
+    s["domain"]["devices"]["disks"].append({"name": "cd", "cdrom": {"bus": "sata"}})
+    assert hotplug.empty_cdrom_names(s) == {"cd"}
+    vol = {"name": "cd", "dataVolume": {"name": "iso", "hotpluggable": True}}
+    hotplug.add_volume(s, vol, {"name": "cd", "disk": {"bus": "scsi"}})
+    assert s["domain"]["devices"]["disks"][-1] == {"name": "cd", "cdrom": {"bus": "sata"}}  # the drive's own
+    assert hotplug.empty_cdrom_names(s) == set()
+    # inserting or ejecting is not a restart-worthy change of the template
+    assert "cd" in [d["name"] for d in hotplug.without_hotplug(s)["domain"]["devices"]["disks"]]
+    hotplug.remove_volume(s, "cd")
+    assert hotplug.empty_cdrom_names(s) == {"cd"}

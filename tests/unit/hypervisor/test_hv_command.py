@@ -344,3 +344,14 @@ def test_runtime_dir_limits(tmp_path: Path) -> None:
         RuntimeDir(tmp_path / ("x" * 120))
     with pytest.raises(Exception, match="comma"):
         RuntimeDir(tmp_path / "a,b")
+
+
+def test_empty_cdrom_drives(vmi, runtime, volumes, nets) -> None:
+    # no volume: an empty drive (no medium, no block nodes) that Machine.change_medium fills later
+    vmi["spec"]["domain"]["devices"]["disks"] += [{"name": "empty", "cdrom": {"bus": "sata"}},
+                                                  {"name": "empty2", "cdrom": {"bus": "scsi"}}]
+    argv = build_command(vmi, runtime, volumes, nets, "tcg")
+    devs = devices(argv)
+    assert devs["disk-empty"]["driver"] == "ide-cd" and "drive" not in devs["disk-empty"]
+    assert devs["disk-empty2"]["driver"] == "scsi-cd" and "drive" not in devs["disk-empty2"]
+    assert not any("empty" in name for name in blockdevs(argv))

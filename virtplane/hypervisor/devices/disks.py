@@ -75,7 +75,8 @@ def check_disk(disk: JSON, path: str, *, volume_names: set[str] | None = None) -
     name = disk.get("name")
     if not name:
         issues.append(Issue(f"{path}.name", "required", "invalid"))
-    elif volume_names is not None and name not in volume_names:
+    elif volume_names is not None and name not in volume_names and disk_kind(disk) != "cdrom":
+        # A CD-ROM without a volume is an empty drive (KubeVirt's DeclarativeHotplugVolumes): media come later.
         issues.append(Issue(f"{path}.name", f"no volume named {name!r}", "invalid"))
     kinds = [k for k in ("disk", "cdrom", "lun") if k in disk]
     if len(kinds) > 1:
@@ -252,6 +253,16 @@ def plan_disk(
     return DiskPlan(name=name, bus=bus, kind=kind, nodes=(proto, fmt), device=device)
 
 
+def empty_cdrom(disk: JSON) -> DiskPlan:
+    """A CD-ROM drive with no medium (no drive property): `Machine.change_medium` inserts one later."""
+    bus = disk_bus(disk)
+    driver = "ide-cd" if bus == "sata" else "scsi-cd"
+    device: JSON = {"driver": driver, "id": disk_device_id(disk["name"])}
+    if disk.get("bootOrder"):
+        device["bootindex"] = int(disk["bootOrder"])
+    return DiskPlan(name=disk["name"], bus=bus, kind="cdrom", nodes=(), device=device)
+
+
 def needs_scsi_controller(devices: Mapping[str, Any]) -> bool:
     """Always when hotplug is allowed: KubeVirt hotplugs volumes as SCSI disks by default."""
     if any(disk_bus(d) == "scsi" for d in devices.get("disks") or []):
@@ -279,8 +290,20 @@ def build(ctx: BuildContext) -> None:
 
     sata_port = 0
     scsi_target = 0
+    volume_names = {v.get("name") for v in ctx.spec.get("volumes") or []}
     for i, disk in enumerate(devices.get("disks") or []):
         field = f"spec.domain.devices.disks[{i}]"
+        if disk_kind(disk) == "cdrom" and disk["name"] not in volume_names:
+            plan = empty_cdrom(disk)
+            device = dict(plan.device)
+            if plan.bus == "sata":
+                device["bus"] = f"ide.{sata_port}"
+                sata_port += 1
+            else:
+                device.update({"bus": f"{SCSI_CONTROLLER_ID}.0", "channel": 0, "scsi-id": scsi_target, "lun": 0})
+                scsi_target += 1
+            ctx.device(device)
+            continue
         volume = ctx.volume(disk["name"], field)
         iothread = shared_iothread
         if disk.get("dedicatedIOThread"):
