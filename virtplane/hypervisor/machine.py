@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from . import cgroups
 from . import devices as dev
 from .errors import (
     HypervisorError,
@@ -204,10 +205,14 @@ class Machine:
     QMP_CONNECT_TIMEOUT: ClassVar[float] = 10.0
 
     def __init__(self, runtime: RuntimeDir, record: LaunchRecord, *, pass_fds: Iterable[int] = (),
-                 seed_files: Iterable[tuple[str, str]] = (), nice: int = 0) -> None:  # fmt: skip
+                 seed_files: Iterable[tuple[str, str]] = (), cpu_cores: float = 0.0,
+                 cpu_control: cgroups.CPUControl | None = None) -> None:  # fmt: skip
         self.runtime = runtime
         self.record = record
-        self._nice = nice  # CPU weight of the VM's CPU request (process.nice_for_cpu_request)
+        # CPU weight of the VM's CPU request: its own cgroup under the node's (cgroups.py), else a niceness.
+        self._cpu_cores = cpu_cores
+        self._cpu_control = cpu_control
+        self._cgroup: Path | None = None
         self._pass_fds = tuple(pass_fds)
         self._seed_files = tuple(seed_files)
         self._state = RunState.CREATED
@@ -244,6 +249,7 @@ class Machine:
         *,
         kernel_boot: KernelBootFiles | None = None,
         options: dev.BuildOptions | None = None,
+        cpu_control: cgroups.CPUControl | None = None,
     ) -> Machine:
         """Build the command line (raises UnsupportedSpecError / InvalidSpecError) without starting."""
         plan = dev.plan_launch(vmi, runtime, volumes, nets, accel, kernel_boot=kernel_boot, options=options)
@@ -262,7 +268,7 @@ class Machine:
             has_scsi_controller=plan.has_scsi_controller, hotplug=hotplug, taps=taps,
         )  # fmt: skip
         return cls(runtime, record, pass_fds=plan.pass_fds, seed_files=plan.seed_files,
-                   nice=nice_for_cpu_request(_cpu_request_cores(domain)))
+                   cpu_cores=_cpu_request_cores(domain), cpu_control=cpu_control)
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -370,7 +376,11 @@ class Machine:
         rt = self.runtime
         self._prepare_runtime()
         self.pid = spawn(self.record.argv, rt.stderr_log, self._pass_fds)
-        set_niceness(self.pid, self._nice)  # QEMU is still setting up: its vCPU threads inherit it
+        # QEMU is still setting up: the threads it starts next inherit its cgroup and niceness.
+        if self._cpu_control is not None:
+            self._cgroup = self._cpu_control.place(self.pid, rt.path.name, self._cpu_cores)
+        if self._cgroup is None:
+            set_niceness(self.pid, nice_for_cpu_request(self._cpu_cores))
         _write_atomic(rt.pid_file, f"{self.pid}\n".encode())
         self._watch = ProcessWatch(self.pid, self._on_exit)
         await self._attach_monitor(timeout)
@@ -425,6 +435,8 @@ class Machine:
             )
         self._set_state(state, reason)
         self._exited.set()
+        if self._cgroup is not None:
+            cgroups.release(self._cgroup)
         self._spawn(self._close_monitors())
 
     async def _close_monitors(self) -> None:
@@ -839,6 +851,7 @@ class Machine:
             return machine
 
         machine._set_state(RunState.STARTING, "adopting")
+        machine._cgroup = cgroups.cgroup_of(pid)  # to remove it when this QEMU exits
         machine._watch = ProcessWatch(pid, machine._on_exit)
         try:
             await machine._attach_monitor(timeout)

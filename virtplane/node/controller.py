@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import virtplane
 from virtplane.client import informer, rest
 from virtplane.client.events import EventRecorder
+from virtplane.hypervisor import cgroups
 from virtplane.hypervisor.accel import AccelProbe
 from virtplane.hypervisor.errors import HypervisorError, InvalidSpecError, MissingResourceError, UnsupportedSpecError
 from virtplane.hypervisor.machine import Machine, RunState
@@ -81,6 +83,10 @@ class VMIController:
         self.node_name = node_name
         self.node_ip = node_ip
         self.runtime_root = data_dir / "runtime"
+        # The node's VMs weigh their CPU requests under one parent, as kubepods does (cgroups.py); the scope
+        # names the data dir too, since several agents (and test clusters) share a host.
+        scope = f"{node_name}-{hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]}"
+        self.cpu_control = cgroups.CPUControl.detect(scope)
         self.probe = probe
         self.resolver = resolver
         self.recorder = recorder
@@ -144,6 +150,8 @@ class VMIController:
         for rt in list(self.runtimes.values()):
             with contextlib.suppress(Exception):
                 await rt.close()
+        if self.cpu_control is not None:
+            self.cpu_control.close()  # only what no running VM uses
 
     # -- reconcile ----------------------------------------------------------------------------------------
     async def reconcile(self, key: Key) -> float | None:
@@ -208,7 +216,7 @@ class VMIController:
             kernel_boot = await self.resolver.resolve_kernel_boot(vmi)
             nets = network.attachments(vmi)
             machine = Machine.create(vmi, rt.runtime, resolved.volumes, nets, self.probe.accel,
-                                     kernel_boot=kernel_boot)
+                                     kernel_boot=kernel_boot, cpu_control=self.cpu_control)
         except VolumeNotReady as err:
             return await self._not_ready(key, vmi, err.reason, err.message)
         except (VolumeError, network.NetworkSetupError, UnsupportedSpecError, InvalidSpecError,

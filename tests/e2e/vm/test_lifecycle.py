@@ -129,10 +129,16 @@ def test_vm_runs_boots_and_applies_cloud_init(cluster: Cluster, image: str) -> N
     pods = cluster.kubectl("get", "pods", "-l", "kubevirt.io=virt-launcher", "-o", "name").stdout
     assert "virt-launcher-life-" in pods
     # No CPU request: 1 vCPU / KubeVirt's allocation ratio 10 = 100m, weighted as the kubelet weighs 100m
-    # (102 shares ~ nice 10), so booting guests cannot starve the node agent.
+    # (102 cpu.shares in a cgroup under the node's), so booting guests cannot starve the node agent.
     pid = int((cluster.data_dir / "nodes" / vmi["status"]["nodeName"] / "runtime" / "default_life" / "pid").read_text())
-    assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == "10"
-    assert os.getpriority(os.PRIO_PROCESS, pid) == 10
+    cpu_line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                    if "cpu" in ln.split(":")[1].split(",") or ln.startswith("0::"))
+    rel = cpu_line.split(":", 2)[2]
+    assert rel.startswith("/virtplane/virtplane-node-") and rel.endswith("/default_life"), rel
+    if Path("/sys/fs/cgroup/cpu/cpu.shares").exists():
+        assert Path(f"/sys/fs/cgroup/cpu{rel}/cpu.shares").read_text().strip() == "102"
+    else:
+        assert Path(f"/sys/fs/cgroup{rel}/cpu.weight").read_text().strip() == "4"
     metrics = cluster.get_raw("/metrics").decode()
     assert re.search(r'kubevirt_vmi_phase_count\{node="virtplane-node-\d+",phase="running"[^}]*\} [1-9]', metrics)
 

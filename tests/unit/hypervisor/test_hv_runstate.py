@@ -204,3 +204,10 @@ def test_cpu_request_sets_kubernetes_weight() -> None:
     assert nice_for_cpu_request(0.1) == 10  # 102 shares: weight 110 at nice 10
     assert nice_for_cpu_request(0.5) == 3
     assert nice_for_cpu_request(0.001) == 19  # clamped
+
+
+def test_cgroup_weights_follow_the_kubelet() -> None:
+    from virtplane.hypervisor.cgroups import shares_for, v2_weight
+
+    assert shares_for(0.1) == 102 and shares_for(2) == 2048 and shares_for(0) == 2
+    assert v2_weight(102) == 4 and v2_weight(1024) == 39 and v2_weight(2) == 1
