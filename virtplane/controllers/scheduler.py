@@ -345,6 +345,7 @@ class Scheduler:
         self._assumed: dict[informer.Key, tuple[str, JSON]] = {}  # bound by us, not yet seen bound
         self._last_event: dict[informer.Key, tuple[str, float]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._binding: set[asyncio.Task[None]] = set()  # binds in flight
         self.pods.add_handler(self._on_pod)
         self.nodes.add_handler(self._on_node)
 
@@ -360,6 +361,9 @@ class Scheduler:
             with contextlib.suppress(BaseException):
                 await self._task
         await self.queue.stop()
+        for task in list(self._binding):
+            task.cancel()
+        await asyncio.gather(*self._binding, return_exceptions=True)
         await self.pods.stop()
         await self.nodes.stop()
         await self.client.close()
@@ -418,7 +422,12 @@ class Scheduler:
         if decision.node is None:
             await self._unschedulable(key, pod, decision.message)
             return None
-        await self._bind(key, pod, decision.node)
+        # Assume, then bind in the background (kube-scheduler's scheme): the decision is serial, so the next
+        # pod is decided against this one's resources, but the writes of one pod no longer hold up the next.
+        self._assumed[key] = (decision.node, pod)
+        task = asyncio.create_task(self._bind(key, pod, decision.node), name=f"bind {key[0]}/{key[1]}")
+        self._binding.add(task)
+        task.add_done_callback(self._binding.discard)
         return None
 
     async def _bind(self, key: informer.Key, pod: JSON, node: str) -> None:
@@ -426,21 +435,20 @@ class Scheduler:
         body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns},
                 "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         try:
+            # The binding sets spec.nodeName and PodScheduled=True in one write, as Kubernetes' does.
             await self.client.request("POST", PODS.path(ns, name, "binding"), body=body)
         except (rest.NotFound, rest.Conflict) as exc:
             log.info("not binding %s/%s: %s", ns, name, exc)  # gone, or bound by someone else meanwhile
+            self._assumed.pop(key, None)
             return
-        self._assumed[key] = (node, pod)
+        except Exception as exc:  # a server or connection error: decide again shortly
+            log.warning("binding %s/%s to %s failed, retrying: %s", ns, name, node, exc)
+            self._assumed.pop(key, None)
+            self.queue.add_after(key, 1.0)
+            return
         self._last_event.pop(key, None)
         log.info("bound pod %s/%s to %s", ns, name, node)
         await self.recorder.event(pod, "Normal", "Scheduled", f"Successfully assigned {ns}/{name} to {node}")
-        # The binding subresource sets only spec.nodeName; PodScheduled=True is ours to report.
-        # reason/message null: a merge by type would otherwise keep the old Unschedulable explanation
-        cond = {"type": "PodScheduled", "status": "True", "reason": None, "message": None, "lastProbeTime": None,
-                "lastTransitionTime": events.now_rfc3339()}
-        with contextlib.suppress(rest.NotFound):
-            await self.client.patch(PODS, name, {"status": {"conditions": [cond]}}, ns,
-                                    patch_type="strategic", subresource="status")
 
     async def _unschedulable(self, key: informer.Key, pod: JSON, message: str) -> None:
         ns, name = key
