@@ -73,8 +73,9 @@ def image_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def browser(image: str, image_url: str) -> Iterator[Any]:
+@contextlib.contextmanager
+def launch_browser() -> Iterator[Any]:
+    """Debian's chromium through Playwright; the app must be built (`make setup`)."""
     if not CHROMIUM.exists() or shutil.which("node") is None:
         pytest.fail("chromium and nodejs are required (deps/apt.txt; `make setup` installs them)")
     if not (serve.DIST / "index.html").exists():
@@ -88,6 +89,19 @@ def browser(image: str, image_url: str) -> Iterator[Any]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture(scope="module")
+def browser(image: str, image_url: str) -> Iterator[Any]:
+    with launch_browser() as b:
+        yield b
+
+
+def login(page: Any, server: str, token: str) -> None:
+    page.goto(f"{server}/console/")
+    page.get_by_label("Bearer token").fill(token)
+    page.get_by_role("button", name="Log in").click()
+    page.locator("h1", has_text="VirtualMachines").wait_for()
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,11 @@ export function VMList() {
           <ToolbarItem>
             <Button variant="primary" component="a" href="#/vms/~new">Create VirtualMachine</Button>
           </ToolbarItem>
+          <ToolbarItem>
+            <span data-testid="vm-count" data-count={filtered.length} data-total={rows.length}>
+              {filtered.length === rows.length ? `${rows.length} VMs` : `${filtered.length} of ${rows.length} VMs`}
+            </span>
+          </ToolbarItem>
           <ToolbarItem variant="pagination">
             <Pagination itemCount={filtered.length} page={page} perPage={perPage} isCompact
               onSetPage={(_e, p) => setPage(p)} onPerPageSelect={(_e, pp) => { setPerPage(pp); setPage(1); }} />
