@@ -28,6 +28,7 @@ EVENTS = rest.GVR("", "v1", "events")
 # client-go aggregates similar events over 10 minutes; identical ones are deduplicated while cached.
 AGGREGATION_WINDOW = 600.0
 # client-go's LRU holds 4096 entries; enough to remember every object a controller touches recently.
+MAX_PENDING = 10_000  # a bound on memory if the API server is unreachable for long
 CACHE_SIZE = 4096
 
 _Key = tuple[str, str, str, str, str, str, str]
@@ -66,25 +67,50 @@ class EventRecorder:
         self.component = component
         self.host = host
         self._seen: collections.OrderedDict[_Key, _Seen] = collections.OrderedDict()
-        # One writer at a time, so two reconciles reporting the same thing bump one Event.
-        self._lock = asyncio.Lock()
+        # Events are written by one background sink, in order (so two reconciles reporting the same thing
+        # bump one Event), as client-go's broadcaster does: a controller never waits on its own Events.
+        # Before, every reconcile queued on one lock for each Event write: with 100 VMIs starting at once
+        # the Events, not the work, set the pace.
+        self._pending: collections.deque[tuple[JSON, str, str, str]] = collections.deque()
+        self._sink: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def _source(self) -> JSON:
         return {"component": self.component, **({"host": self.host} if self.host else {})}
 
     async def event(self, obj: JSON, type: str, reason: str, message: str) -> None:
-        """Records an Event about `obj` (a full object with kind/apiVersion/metadata); never raises."""
-        try:
-            async with self._lock:
-                await self._record(obj, type, reason, message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("could not record event %s %s on %s/%s: %s", type, reason, obj.get("kind"),
-                        (obj.get("metadata") or {}).get("name"), exc)
+        """Records an Event about `obj` (a full object with kind/apiVersion/metadata) in the background;
+        never raises. `flush()` waits for what was recorded so far."""
+        if len(self._pending) >= MAX_PENDING:
+            log.warning("event queue full, dropping %s %s on %s", type, reason, (obj.get("metadata") or {}).get("name"))
+            return
+        # The reference is taken now: the caller may change its object before the sink gets to it.
+        self._pending.append((object_reference(obj), type, reason, message))
+        self._idle.clear()
+        if self._sink is None or self._sink.done():
+            self._sink = asyncio.create_task(self._drain(), name=f"events {self.component}")
 
-    async def _record(self, obj: JSON, type: str, reason: str, message: str) -> None:
-        ref = object_reference(obj)
+    async def flush(self) -> None:
+        """Wait until every Event recorded so far has been written (or given up on)."""
+        await self._idle.wait()
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                ref, type, reason, message = self._pending.popleft()
+                try:
+                    await self._record(ref, type, reason, message)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("could not record event %s %s on %s/%s: %s", type, reason, ref.get("kind"),
+                                ref.get("name"), exc)
+        finally:
+            if not self._pending:
+                self._idle.set()
+
+    async def _record(self, ref: JSON, type: str, reason: str, message: str) -> None:
         # Events about cluster-scoped objects (nodes) live in "default", as Kubernetes puts them.
         namespace = ref.get("namespace") or "default"
         key: _Key = (ref.get("kind", ""), namespace, ref.get("name", ""), ref.get("uid", ""), type, reason,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from virtplane.client import events, rest
@@ -37,6 +38,7 @@ async def test_event_shape() -> None:
     client = FakeClient()
     rec = events.EventRecorder(client, "virt-controller", "host-a")  # type: ignore[arg-type]
     await rec.event(VM, "Normal", "SuccessfulCreate", "Started")
+    await rec.flush()
     (ev,) = client.created
     assert ev["metadata"]["namespace"] == "ns" and ev["metadata"]["name"].startswith("vm1.")
     assert ev["involvedObject"] == {"kind": "VirtualMachine", "namespace": "ns", "name": "vm1", "uid": "u1",
@@ -51,7 +53,9 @@ async def test_repeats_bump_the_count() -> None:
     rec = events.EventRecorder(client, "default-scheduler")  # type: ignore[arg-type]
     for _ in range(3):
         await rec.event(VM, "Warning", "FailedScheduling", "0/1 nodes are available: 1 Insufficient memory.")
+        await rec.flush()
     await rec.event(VM, "Warning", "FailedScheduling", "0/2 nodes are available: 2 Insufficient memory.")
+    await rec.flush()
     assert len(client.created) == 2
     assert [p[2]["count"] for p in client.patches] == [2, 3]
     assert client.patches[0][1] == client.created[0]["metadata"]["name"]
@@ -62,6 +66,7 @@ async def test_cluster_scoped_objects_report_into_default() -> None:
     rec = events.EventRecorder(client, "virt-handler")  # type: ignore[arg-type]
     await rec.event({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "uid": "n"}},
                     "Normal", "NodeReady", "ready")
+    await rec.flush()
     assert client.created[0]["metadata"]["namespace"] == "default"
     assert "namespace" not in client.created[0]["involvedObject"]
 
@@ -71,8 +76,31 @@ async def test_failures_are_swallowed_and_a_lost_event_starts_over() -> None:
     rec = events.EventRecorder(client, "x")  # type: ignore[arg-type]
     client.fail_create = True
     await rec.event(VM, "Normal", "R", "m")  # logged, not raised
+    await rec.flush()
     client.fail_create = False
     await rec.event(VM, "Normal", "R", "m")
+    await rec.flush()
     client.patch_not_found = True
     await rec.event(VM, "Normal", "R", "m")  # the Event was deleted meanwhile: a new one
+    await rec.flush()
     assert len(client.created) == 2
+
+
+async def test_recording_does_not_wait_for_the_write() -> None:
+    """A controller goes on while its Events are written, in order, by the recorder's sink."""
+    client = FakeClient()
+    gate = asyncio.Event()
+    real_create = client.create
+
+    async def slow_create(*args: Any, **kw: Any) -> Any:
+        await gate.wait()
+        return await real_create(*args, **kw)
+
+    client.create = slow_create  # type: ignore[method-assign]
+    rec = events.EventRecorder(client, "x")  # type: ignore[arg-type]
+    await asyncio.wait_for(rec.event(VM, "Normal", "A", "first"), 1)
+    await asyncio.wait_for(rec.event(VM, "Normal", "B", "second"), 1)
+    assert client.created == []
+    gate.set()
+    await rec.flush()
+    assert [e["reason"] for e in client.created] == ["A", "B"]
