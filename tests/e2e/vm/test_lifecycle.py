@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import yaml
 
 from virtplane.testing import guest
 from virtplane.testing.cluster import Cluster
+from virtplane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 SUB = "/apis/subresources.kubevirt.io/v1/namespaces/default"
@@ -54,17 +55,6 @@ def vm_manifest(name: str, image: str, *, run_strategy: str = "Always", memory: 
                             {"name": "cloudinit", "cloudInitNoCloud": {"userData": user_data}}],
             }}},
     })
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate} (last: {last!r})")
 
 
 def get(cluster: Cluster, kind: str, name: str) -> dict[str, Any] | None:
