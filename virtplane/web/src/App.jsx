@@ -4,7 +4,7 @@ import {
   NavList, Page, PageSection, PageSidebar, PageSidebarBody, TextInput, Title, Card, CardBody, CardTitle,
   HelperText, HelperTextItem, FormHelperText, ActionGroup,
 } from '@patternfly/react-core';
-import { get, getToken, setToken } from './api.js';
+import { get, getToken, onLoggedOut, setToken } from './api.js';
 import { VMList } from './pages/VMList.jsx';
 import { VMDetails } from './pages/VMDetails.jsx';
 import { CreateVM } from './pages/CreateVM.jsx';
@@ -100,6 +100,7 @@ export function App() {
   const [loggedIn, setLoggedIn] = useState(Boolean(getToken()));
   const hash = useHash();
   const logout = () => { setToken(''); setLoggedIn(false); };
+  useEffect(() => onLoggedOut(() => setLoggedIn(false)), []);
   const masthead = (
     <Masthead>
       <MastheadMain>

@@ -31,8 +31,20 @@ export async function request(method, path, body, contentType = 'application/jso
   } catch {
     data = { message: text };
   }
-  if (!resp.ok) throw new ApiError(resp.status, data);
+  if (!resp.ok) {
+    if (resp.status === 401) loggedOut();
+    throw new ApiError(resp.status, data);
+  }
   return data;
+}
+
+// A token the server stops accepting (revoked, rotated) sends the user back to the login form.
+const logoutListeners = new Set();
+export const onLoggedOut = (fn) => { logoutListeners.add(fn); return () => logoutListeners.delete(fn); };
+function loggedOut() {
+  if (!getToken()) return;
+  setToken('');
+  for (const fn of logoutListeners) fn();
 }
 
 export const get = (path) => request('GET', path);

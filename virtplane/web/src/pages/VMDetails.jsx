@@ -214,7 +214,7 @@ export function VMDetails({ namespace, name, tab }) {
       <Toolbar><ToolbarContent>
         <ToolbarItem><Title headingLevel="h1">{name}</Title></ToolbarItem>
         <ToolbarItem><StatusLabel status={vmStatus(vm)} /></ToolbarItem>
-        {['start', 'stop', 'restart', 'pause', 'unpause', 'delete'].map((a) => (
+        {['start', 'stop', 'forcestop', 'restart', 'pause', 'unpause', 'delete'].map((a) => (
           <ToolbarItem key={a}>
             <Button variant={a === 'delete' ? 'danger' : 'secondary'} isDisabled={!allowed[a]} onClick={() => setConfirm(a)}>
               {ACTION_LABELS[a]}

@@ -193,7 +193,7 @@ export function VMList() {
                 <Td dataLabel="CPU">{r.cpu}</Td>
                 <Td dataLabel="Memory">{r.memory}</Td>
                 <Td isActionCell>
-                  <ActionsColumn items={['start', 'stop', 'restart', 'pause', 'unpause', 'delete'].map((a) => ({
+                  <ActionsColumn items={['start', 'stop', 'forcestop', 'restart', 'pause', 'unpause', 'delete'].map((a) => ({
                     title: ACTION_LABELS[a], isDisabled: !allowed[a], onClick: () => ask(a, [r]),
                   }))} />
                 </Td>

@@ -28,6 +28,7 @@ export function allowedActions(vm, vmi) {
     start: !running && !vm.metadata.deletionTimestamp,
     stop: running || strategy === 'Always' || strategy === 'RerunOnFailure',
     restart: running,
+    forcestop: running,
     pause: running && !paused && vmi.status && vmi.status.phase === 'Running',
     unpause: paused,
     delete: !vm.metadata.deletionTimestamp,
@@ -35,11 +36,16 @@ export function allowedActions(vm, vmi) {
 }
 
 export const ACTION_LABELS = {
-  start: 'Start', stop: 'Stop', restart: 'Restart', pause: 'Pause', unpause: 'Unpause', delete: 'Delete',
+  start: 'Start', stop: 'Stop', forcestop: 'Force stop', restart: 'Restart', pause: 'Pause', unpause: 'Unpause', delete: 'Delete',
 };
 
 export async function runAction(action, vm) {
   const { namespace, name } = vm.metadata;
+  if (action === 'forcestop') {
+    // KubeVirt's `virtctl stop --force --grace-period 0`: the VMI is killed without waiting for the guest
+    return request('PUT', `/apis/subresources.kubevirt.io/v1/namespaces/${namespace}/virtualmachines/${name}/stop`,
+      { gracePeriod: 0 });
+  }
   if (action === 'delete') return request('DELETE', resourcePath(R.vms, namespace, name));
   if (action === 'pause' || action === 'unpause') {
     return request('PUT', `/apis/subresources.kubevirt.io/v1/namespaces/${namespace}/virtualmachineinstances/${name}/${action}`, {});
