@@ -90,6 +90,12 @@ def prepare_apiserver(args: argparse.Namespace, extra_hosts: tuple[str, ...] = (
 
 
 async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> int:
+    if with_controllers and getattr(args, "pod_network", "user") == "cni" and args.nodes > 1 \
+            and not args.node_netns:
+        # In one netns every node's pod bridge, gateway address and subnet routes would be host-global and
+        # clash; in their own netns each node has its own and routes to the others over the cluster bridge.
+        print("virtplane up: --pod-network cni with several nodes needs --node-netns", file=sys.stderr)
+        return 2
     nodenet: ClusterNetwork | None = None
     if with_controllers and getattr(args, "node_netns", False) and args.nodes > 0:
         # before the API server: it also listens on the bridge, and its certificate names that address
@@ -129,16 +135,17 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
                                          storage_root=data / "storage")
         await ctrl.start()
         for i in range(1, args.nodes + 1):
+            pod_net = nodes.pod_network_args(getattr(args, "pod_network", "user"), i)
             if nodenet is None:
                 name, node_dir, node_kubeconfig = nodes.prepare_node(data, i, url, certs.ca_cert)
-                agent = nodes.NodeAgentProcess(name, node_dir, node_kubeconfig)
+                agent = nodes.NodeAgentProcess(name, node_dir, node_kubeconfig, extra_args=pod_net)
             else:
                 ns, address = await nodenet.add_node(i)
                 node_url = f"https://{nodenet.gateway}:{api.bound_port}"
                 name, node_dir, node_kubeconfig = nodes.prepare_node(data, i, node_url, certs.ca_cert)
                 # registries on the host's bridge address speak plain HTTP, as loopback ones do
                 agent = nodes.NodeAgentProcess(name, node_dir, node_kubeconfig, netns=ns, extra_args=(
-                    "--address", address, "--insecure-registry", nodenet.gateway))
+                    "--address", address, "--insecure-registry", nodenet.gateway, *pod_net))
             agent.start()
             agents.append(agent)
     log.info("virtplane is up", extra={"server": url, "kubeconfig": str(kubeconfig),
@@ -235,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--node-netns", action="store_true",
                     help="each node agent in its own network namespace on a bridge the cluster creates (root); "
                          "the namespaces stay when `up` exits (its VMs keep running in them)")
+    up.add_argument("--pod-network", choices=("user", "cni"), default="user",
+                    help="the node agents' pod network (see `virtplane node --pod-network`); cni needs root, and "
+                         "with several nodes --node-netns (each node's pod bridge and subnet live in its netns; "
+                         "nodes route to each other's pod subnets)")
     up.add_argument("--demo", action="store_true", help="also create a demo VirtualMachine")
     up.add_argument("--registry-port", type=int, default=5000,
                     help="port of the cluster's image registry on 127.0.0.1 (0: none)")

@@ -23,6 +23,14 @@ def node_name(index: int) -> str:
     return f"virtplane-node-{index}"
 
 
+def pod_network_args(mode: str, index: int) -> tuple[str, ...]:
+    """`virtplane node` flags for node `index` of `up`: with the CNI pod network, its own pod subnet
+    (10.244.<index>.0/24, the one published as Node.spec.podCIDR and routed to by the other nodes)."""
+    if mode == "user":
+        return ()
+    return ("--pod-network", mode, "--pod-cidr", f"10.244.{index}.0/24")
+
+
 class NodeAgentProcess:
     def __init__(self, name: str, data_dir: Path, kubeconfig: Path, extra_args: tuple[str, ...] = (),
                  netns: str | None = None) -> None:  # fmt: skip

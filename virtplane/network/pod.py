@@ -266,8 +266,14 @@ async def _fix_bridge_macs(conflist: Mapping[str, Any]) -> None:
         if plugin.get("type") != "bridge":
             continue
         name = str(plugin.get("bridge") or "cni0")
-        # sysfs: not real disk I/O. Missing: the plugin creates the bridge (with a proper MAC).
-        if _read_sys(f"/sys/class/net/{name}/address") == "00:00:00:00:00:00":
+        # Asked through netlink, not sysfs: /sys shows the netns it was mounted in, and a node agent may run
+        # in a netns of its own (`up --node-netns`). Missing: the plugin creates the bridge (proper MAC).
+        out = await netns.run(["ip", "-j", "link", "show", "dev", name], check=False)
+        try:
+            address = (json.loads(out or "[]") or [{}])[0].get("address")
+        except ValueError:
+            address = None
+        if address == "00:00:00:00:00:00":
             digest = hashlib.sha256(name.encode()).digest()
             pinned = ":".join(f"{b:02x}" for b in (0x0A, 0x58, *digest[:4]))
             await netns.run(["ip", "link", "set", name, "address", pinned])
@@ -291,13 +297,6 @@ def upstream_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str
             if not addr.is_loopback:
                 out.append(str(addr))
     return out
-
-
-def _read_sys(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
 
 
 def _spawn(argv: Sequence[str], stderr: Path) -> subprocess.Popen[bytes]:

@@ -29,6 +29,7 @@ from virtplane.storage import oci
 
 from . import network, nodeinfo
 from .controller import PODS, VMIS, VMIController
+from .routes import NodeRoutes
 from .server import AgentServer, ProxyToken
 from .services import ServiceProxy
 from .status import NODE_NAME_LABEL
@@ -99,6 +100,7 @@ class NodeAgent:
         log.info("node agent API listening", extra={"address": cfg.address, "port": port})
         pod_net = network.pod_network()
         proxy = ServiceProxy(self.client, ServiceRules(pod_net.state_dir)) if pod_net is not None else None
+        routes = NodeRoutes(self.client, cfg.name, pod_net.pod_cidr) if pod_net is not None else None
         try:
             await self._register_node()
             self._tasks.append(asyncio.create_task(self._lease_loop(), name="lease"))
@@ -112,8 +114,9 @@ class NodeAgent:
             for key in {*vmis.cache.keys(), *controller.runtimes.keys()}:
                 controller.enqueue(key)
             controller.queue.start()
-            if proxy is not None:
+            if proxy is not None and routes is not None:
                 proxy.start()
+                routes.start()
             self.ready.set()
             log.info("node agent ready", extra={"node": cfg.name, "adopted": len(controller.runtimes)})
             await stop.wait()
@@ -124,7 +127,8 @@ class NodeAgent:
             for t in self._tasks:
                 with contextlib.suppress(BaseException):
                     await t
-            if proxy is not None:
+            if proxy is not None and routes is not None:
+                await routes.stop()
                 await proxy.stop()
             await vmis.stop()
             await pods.stop()
@@ -138,6 +142,12 @@ class NodeAgent:
         return (nodeinfo.node_labels(self.config.name, self.facts, self.probe),
                 nodeinfo.node_annotations(self.probe, self.fingerprint))  # fmt: skip
 
+    @staticmethod
+    def _pod_cidr_spec() -> JSON:
+        """Node.spec.podCIDR(s): this node's pod subnet on a CNI node (the other nodes route it to us)."""
+        pod_net = network.pod_network()
+        return {"podCIDR": pod_net.pod_cidr, "podCIDRs": [pod_net.pod_cidr]} if pod_net is not None else {}
+
     async def _register_node(self) -> None:
         name = self.config.name
         labels, annotations = self._desired_meta()
@@ -147,7 +157,7 @@ class NodeAgent:
             except rest.NotFound:
                 body = {"apiVersion": "v1", "kind": "Node",
                         "metadata": {"name": name, "labels": labels, "annotations": annotations},
-                        "spec": {}}  # fmt: skip
+                        "spec": self._pod_cidr_spec()}  # fmt: skip
                 try:
                     node = await self.client.create(NODES, body)
                 except rest.Conflict:
@@ -156,10 +166,13 @@ class NodeAgent:
                 meta = node["metadata"]
                 want_labels = {**(meta.get("labels") or {}), **labels}
                 want_ann = {**(meta.get("annotations") or {}), **annotations}
-                if want_labels != meta.get("labels") or want_ann != meta.get("annotations"):
+                want_spec = {**(node.get("spec") or {}), **self._pod_cidr_spec()}
+                if want_labels != meta.get("labels") or want_ann != meta.get("annotations") \
+                        or want_spec != (node.get("spec") or {}):
                     updated = copy.deepcopy(node)
                     updated["metadata"]["labels"] = want_labels
                     updated["metadata"]["annotations"] = want_ann
+                    updated["spec"] = want_spec
                     try:
                         node = await self.client.update(NODES, updated)
                     except rest.Conflict:

@@ -87,3 +87,18 @@ def test_upstream_resolvers_skip_loopback(tmp_path: Path) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 127.0.0.53\nnameserver 10.1.2.3\nsearch x\nnameserver fe80::1%eth0\n")
     assert upstream_resolvers(conf) == ["10.1.2.3", "fe80::1"]
+
+
+def test_routes_to_other_nodes_pod_subnets() -> None:
+    from virtplane.cli.nodes import pod_network_args
+    from virtplane.node.routes import wanted_routes
+
+    def node(name: str, cidr: str | None, ip: str) -> dict:
+        return {"metadata": {"name": name}, "spec": {"podCIDR": cidr} if cidr else {},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}  # fmt: skip
+
+    nodes = [node("n1", "10.244.1.0/24", "10.224.0.11"), node("n2", "10.244.2.0/24", "10.224.0.12"),
+             node("n3", None, "10.224.0.13"), node("n4", "10.244.4.0/24", "127.0.0.1")]  # fmt: skip
+    assert wanted_routes(nodes, "n1", "10.244.1.0/24") == {"10.244.2.0/24": "10.224.0.12"}
+    assert pod_network_args("user", 2) == ()
+    assert pod_network_args("cni", 2) == ("--pod-network", "cni", "--pod-cidr", "10.244.2.0/24")
