@@ -103,8 +103,8 @@ def test_vm_to_vm_across_nodes(cluster: tuple[Cluster, str]) -> None:
         assert phase not in ("Failed", "Succeeded"), vmi.get("status")
         return vmi if phase == "Running" else None
 
-    srv = wait_for(lambda: running("server"), 180, "server Running")
-    wait_for(lambda: running("client"), 180, "client Running")
+    srv = wait_for(lambda: running("server"), 300, "server Running")
+    wait_for(lambda: running("client"), 300, "client Running")
     assert srv["status"]["nodeName"] == NODE2
     pod_ip = srv["status"]["interfaces"][0]["ipAddress"]
     assert pod_ip.startswith("10.244.2."), srv["status"]["interfaces"]
@@ -117,7 +117,7 @@ def test_vm_to_vm_across_nodes(cluster: tuple[Cluster, str]) -> None:
     assert f"10.244.2.0/24 via {node2_ip}" in routes, routes
 
     console = c.data_dir / "nodes" / NODE1 / "runtime" / "default_client" / "console.log"
-    wait_for(lambda: console.exists() and "E2E-CLUSTER-IP" in console.read_text(errors="replace"), 360,
+    wait_for(lambda: console.exists() and "E2E-CLUSTER-IP" in console.read_text(errors="replace"), 480,
              "the client guest's report")  # fmt: skip
     text = console.read_text(errors="replace")
     assert f"E2E-DNS svc={cluster_ip} pod={pod_ip}" in text, text[-3000:]

@@ -101,8 +101,8 @@ async def test_service_clusterip_and_dns_between_vms(env: dict[str, Any], admin:
         assert phase not in ("Failed", "Succeeded"), (vmi["status"].get("conditions"), env["agent"].log_tail())
         return vmi if phase == "Running" else None
 
-    vmi = await wait_until(lambda: running("server"), 120, "server Running")
-    await wait_until(lambda: running("client"), 120, "client Running")
+    vmi = await wait_until(lambda: running("server"), 240, "server Running")
+    await wait_until(lambda: running("client"), 240, "client Running")
     pod_ip = vmi["status"]["interfaces"][0]["ipAddress"]
     assert ipaddress.ip_address(pod_ip) in ipaddress.ip_network(POD_CIDR)
 
@@ -122,7 +122,7 @@ async def test_service_clusterip_and_dns_between_vms(env: dict[str, Any], admin:
     assert slices[0]["metadata"]["ownerReferences"][0]["name"] == "hello"
 
     runtime = env["root"] / "node" / "runtime"
-    await wait_file(runtime / f"{NS}_server" / "console.log", r"E2E-SERVER up", 180)
+    await wait_file(runtime / f"{NS}_server" / "console.log", r"E2E-SERVER up", 300)
     # The host (the node itself) through the ClusterIP and through the NodePort on a node address.
     reply = await wait_until(lambda: tcp_hello(cluster_ip, 80), 60, f"hello via {cluster_ip}:80")
     assert reply.strip() == b"hello-from-server"
@@ -131,7 +131,7 @@ async def test_service_clusterip_and_dns_between_vms(env: dict[str, Any], admin:
 
     # Guest to guest: by name, by pod IP, through the ClusterIP.
     console = runtime / f"{NS}_client" / "console.log"
-    await wait_file(console, r"E2E-CLUSTER-IP", 300)
+    await wait_file(console, r"E2E-CLUSTER-IP", 420)
     text = console.read_text(errors="replace")
     assert f"search {NS}.svc.cluster.local" in text, text[-3000:]  # DHCP domain-name: the pod's namespace
     assert "nameserver 10.0.2.1" in text
