@@ -157,6 +157,11 @@ def test_stop_and_start_from_the_list(page: Any) -> None:
     wait_status(page, VM, "Stopped")
     _row_action(page, VM, "Start")
     wait_status(page, VM, "Running")
+    row(page, VM).get_by_role("button", name=re.compile("kebab|actions", re.I)).click()
+    page.get_by_role("menuitem", name="Open console").click()
+    page.wait_for_url(re.compile(rf"#/vms/default/{VM}/console$"))
+    page.get_by_test_id("serial-state").filter(has_text="connected").wait_for()
+    page.goto(page.url.split("#")[0] + "#/vms")
 
 
 def test_bulk_delete(page: Any, cluster: Cluster, image: str) -> None:

@@ -193,9 +193,14 @@ export function VMList() {
                 <Td dataLabel="CPU">{r.cpu}</Td>
                 <Td dataLabel="Memory">{r.memory}</Td>
                 <Td isActionCell>
-                  <ActionsColumn items={['start', 'stop', 'forcestop', 'restart', 'pause', 'unpause', 'delete'].map((a) => ({
-                    title: ACTION_LABELS[a], isDisabled: !allowed[a], onClick: () => ask(a, [r]),
-                  }))} />
+                  <ActionsColumn items={[
+                    ...['start', 'stop', 'forcestop', 'restart', 'pause', 'unpause', 'delete'].map((a) => ({
+                      title: ACTION_LABELS[a], isDisabled: !allowed[a], onClick: () => ask(a, [r]),
+                    })),
+                    { isSeparator: true },
+                    { title: 'Open console', isDisabled: !allowed.restart,
+                      onClick: () => { location.hash = `/vms/${namespace}/${name}/console`; } },
+                  ]} />
                 </Td>
               </Tr>
             );
