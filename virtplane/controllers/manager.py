@@ -17,6 +17,7 @@ from virtplane.controllers import (
     scheduler,
     storage_profiles,
     virtualmachine,
+    vmclone,
     vmi,
 )
 from virtplane.storage import provisioner
@@ -42,6 +43,7 @@ class ControllerManager:
             storage_profiles.StorageProfileController(self.client, root),
             pvc.PVCController(self.client, root),
             datavolume.DataVolumeController(self.client, root),
+            vmclone.VMCloneController(self.client),
         ]
 
     async def start(self) -> None:

@@ -1,0 +1,151 @@
+"""VirtualMachineClone end to end: a stopped VM with a containerDisk root and a DataVolume is cloned; the clone
+has its own copy of the data volume, filtered labels/annotations, a new MAC, and boots.
+
+A real registry serves the containerDisk; the data volume's first bytes are written on the host before the
+clone and read back from the clone's volume with qemu-img (a copy-on-write clone is a qcow2 overlay).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtplane.testing import guest
+from virtplane.testing.cluster import Cluster
+
+from .test_hotplug import STEP, blank_dv, boot, get, medium_path, virtctl, wait_for
+
+pytestmark = pytest.mark.e2e
+MARK = b"SRCDATA1"
+SOURCE_MAC = "02:00:00:00:00:0a"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    d = Path(tempfile.mkdtemp(prefix="vpc-"))  # short: QEMU's unix sockets live under it
+    old = os.environ.get("VIRTPLANE_STORAGE_ROOT")
+    os.environ["VIRTPLANE_STORAGE_ROOT"] = str(d / "storage")
+    c = Cluster(d)
+    try:
+        c.start()
+        wait_for(lambda: ((get(c, "storageprofile", "shared") or {}).get("status") or {}).get("claimPropertySets"),
+                 STEP, what="StorageProfile shared")
+        yield c
+    finally:
+        c.stop()
+        if old is None:
+            os.environ.pop("VIRTPLANE_STORAGE_ROOT", None)
+        else:
+            os.environ["VIRTPLANE_STORAGE_ROOT"] = old
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with guest.registry_with_containerdisk(tmp_path_factory.mktemp("registry")) as (_, ref):
+        yield ref
+
+
+def clone(name: str, source: str, target: str, **spec: Any) -> str:
+    return json.dumps({"apiVersion": "clone.kubevirt.io/v1beta1", "kind": "VirtualMachineClone",
+                       "metadata": {"name": name},
+                       "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": source},
+                                "target": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": target},
+                                **spec}})
+
+
+def first_bytes(c: Cluster, claim: str, tmp: Path) -> bytes:
+    pvc = get(c, "pvc", claim) or {}
+    pv = get(c, "pv", pvc["spec"]["volumeName"]) or {}
+    d = Path(pv["metadata"]["annotations"]["storage.virtplane.io/directory"])
+    src, fmt = (d / "disk.qcow2", "qcow2") if (d / "disk.qcow2").exists() else (d / "disk.img", "raw")
+    out = tmp / f"{claim}.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(src), str(out)], check=True)
+    return out.read_bytes()[:len(MARK)]
+
+
+def test_clone_stopped_vm(cluster: Cluster, image: str, tmp_path: Path) -> None:
+    blank_dv(cluster, "data-src")
+    wait_for(lambda: ((get(cluster, "dv", "data-src") or {}).get("status") or {}).get("phase") == "Succeeded", STEP,
+             what="DataVolume data-src")
+    with open(medium_path(cluster, "data-src"), "r+b") as f:
+        f.write(MARK)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": "src", "labels": {"app": "db", "team": "blue"},
+                     "annotations": {"keep/me": "1", "drop/me": "1"}},
+        "spec": {"runStrategy": "Halted", "template": {
+            "metadata": {"labels": {"kubevirt.io/vm": "src", "tier": "gold"}},
+            "spec": {"terminationGracePeriodSeconds": 0,
+                     "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}},
+                                                      {"name": "data", "disk": {"bus": "virtio"}}],
+                                            "interfaces": [{"name": "default", "masquerade": {},
+                                                            "macAddress": SOURCE_MAC}]},
+                                "firmware": {"serial": "SRC-SERIAL"},
+                                "resources": {"requests": {"memory": "128Mi"}}},
+                     "networks": [{"name": "default", "pod": {}}],
+                     "volumes": [{"name": "root", "containerDisk": {"image": image}},
+                                 {"name": "data", "dataVolume": {"name": "data-src"}}]}}}}))
+    phases: set[str] = set()
+
+    def phase(name: str) -> str:
+        p = ((get(cluster, "vmclone", name) or {}).get("status") or {}).get("phase") or ""
+        phases.add(p)
+        return p
+
+    try:
+        cluster.kubectl("apply", "-f", "-", input=clone("c1", "src", "dst", labelFilters=["*", "!team"],
+                                                        annotationFilters=["keep/*"],
+                                                        template={"labelFilters": ["kubevirt.io/*"]},
+                                                        newSMBiosSerial="DST-SERIAL"))
+        wait_for(lambda: phase("c1") in ("Succeeded", "Failed"), STEP, interval=0.1, what="clone c1 done")
+        status = (get(cluster, "vmclone", "c1") or {})["status"]
+        assert status["phase"] == "Succeeded", status
+        assert status["targetName"] == "dst"
+        assert any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"]), status
+
+        dst = get(cluster, "vm", "dst") or {}
+        assert dst["metadata"]["labels"] == {"app": "db"}
+        assert dst["metadata"]["annotations"].get("keep/me") == "1" and "drop/me" not in dst["metadata"]["annotations"]
+        tmpl = dst["spec"]["template"]
+        assert tmpl["metadata"]["labels"] == {"kubevirt.io/vm": "dst"}
+        assert "macAddress" not in tmpl["spec"]["domain"]["devices"]["interfaces"][0]
+        assert tmpl["spec"]["domain"]["firmware"]["serial"] == "DST-SERIAL"
+        data = next(v for v in tmpl["spec"]["volumes"] if v["name"] == "data")
+        claim = data["dataVolume"]["name"]
+        assert claim.startswith("restore-") and claim != "data-src"
+        dv = get(cluster, "dv", claim) or {}
+        assert dv["metadata"]["ownerReferences"][0]["name"] == "dst"
+        assert first_bytes(cluster, claim, tmp_path) == MARK  # the clone has the source's data
+
+        # a second clone into the same target fails, as in KubeVirt
+        cluster.kubectl("apply", "-f", "-", input=clone("c2", "src", "dst"))
+        wait_for(lambda: phase("c2") == "Failed", STEP, what="clone c2 Failed")
+        ready = next(c for c in (get(cluster, "vmclone", "c2") or {})["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "TargetExists", ready
+
+        # the clone boots, with a MAC of its own
+        virtctl(cluster, "start", "dst")
+        boot(cluster, "dst")
+        vmi = get(cluster, "vmi", "dst") or {}
+        mac = vmi["status"]["interfaces"][0]["mac"]
+        assert mac and mac.lower() != SOURCE_MAC, vmi["status"]["interfaces"]
+
+        # a running VM is not cloned until it stops
+        cluster.kubectl("apply", "-f", "-", input=clone("c3", "dst", "dst2"))
+        wait_for(lambda: any(c.get("reason") == "SourceRunning" for c in
+                             ((get(cluster, "vmclone", "c3") or {}).get("status") or {}).get("conditions") or []),
+                 STEP, what="c3 waiting for its source to stop")
+        assert get(cluster, "vm", "dst2") is None
+    finally:
+        for vm in ("dst", "dst2", "src"):
+            cluster.kubectl("delete", "vm", vm, "--wait=false", check=False)
+        wait_for(lambda: get(cluster, "vmi", "dst") is None, STEP, what="VMI dst gone")

@@ -1,0 +1,286 @@
+"""VirtualMachineClone (clone.kubevirt.io/v1beta1): a new VM from a stopped VM's spec and disks.
+
+KubeVirt takes a VirtualMachineSnapshot of the source and restores it into the target; virtplane has no
+snapshots yet, so the "snapshot" of a stopped VM is its volumes themselves, cloned with CDI DataVolumes
+(`source.pvc`: copy-on-write when source and target share storage, host-assisted otherwise). The phases
+are KubeVirt's: SnapshotInProgress (the source is checked: it must exist and be stopped) → CreatingTargetVM
+→ RestoreInProgress (the DataVolume clones run) → Succeeded, or Failed with the reason in the Ready condition.
+
+The target VM: the source's spec with
+- every PVC/DataVolume volume pointing at its clone `restore-<clone uid prefix>-<volume>` (owned by the
+  target VM, so deleting it deletes them) and no dataVolumeTemplates (the clones replace them);
+- interfaces' `macAddress` removed (a new one is derived) or set from `newMacAddresses`;
+- `firmware.uuid` removed (a new one is derived from the target name) and `firmware.serial` set from
+  `newSMBiosSerial` or removed;
+- labels/annotations (of the VM, and of its template with `template.labelFilters/annotationFilters`) kept
+  when they match the filters: KubeVirt's wildcard patterns, `!` to exclude; default keep all.
+Containerdisks, cloud-init and other ephemeral volumes are copied as they are.
+
+Not implemented: `patches` (JSON patches on the target; a clone that has any fails with a clear message),
+`volumeNamePolicy`, cloning a running VM (KubeVirt's online snapshot: the clone waits for the source to stop).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from typing import Any
+
+from virtplane.client import events, informer, rest
+from virtplane.controllers import vmi as vmi_ctrl
+
+log = logging.getLogger(__name__)
+JSON = dict[str, Any]
+
+CLONES = rest.GVR("clone.kubevirt.io", "v1beta1", "virtualmachineclones")
+VMS = rest.GVR("kubevirt.io", "v1", "virtualmachines")
+VMIS = rest.GVR("kubevirt.io", "v1", "virtualmachineinstances")
+PVCS = rest.GVR("", "v1", "persistentvolumeclaims")
+DATAVOLUMES = rest.GVR("cdi.kubevirt.io", "v1beta1", "datavolumes")
+COMPONENT = "virt-controller"
+CLONE_LABEL = "clone.kubevirt.io/clone-name"  # on the target's DataVolumes, to find them again
+SNAPSHOT_IN_PROGRESS, CREATING_TARGET, RESTORE_IN_PROGRESS = "SnapshotInProgress", "CreatingTargetVM", \
+    "RestoreInProgress"  # fmt: skip
+SUCCEEDED, FAILED = "Succeeded", "Failed"
+
+
+def matches(key: str, filters: list[str] | None) -> bool:
+    """KubeVirt's label/annotation filters: the last matching pattern decides; `!pattern` excludes."""
+    if filters is None:
+        return True
+    keep = False
+    for pattern in filters:
+        negate = pattern.startswith("!")
+        if fnmatch.fnmatchcase(key, pattern[1:] if negate else pattern):
+            keep = not negate
+    return keep
+
+
+def _filtered(values: dict[str, str] | None, filters: list[str] | None) -> dict[str, str]:
+    return {k: v for k, v in (values or {}).items() if matches(k, filters)}
+
+
+def claim_of(volume: JSON) -> str | None:
+    if isinstance(volume.get("dataVolume"), dict):
+        return volume["dataVolume"].get("name")
+    if isinstance(volume.get("persistentVolumeClaim"), dict):
+        return volume["persistentVolumeClaim"].get("claimName")
+    return None
+
+
+def restore_name(clone: JSON, volume: str) -> str:
+    return f"restore-{clone['metadata']['uid'][:8]}-{volume}"[:253]
+
+
+def target_name(clone: JSON) -> str:
+    target = (clone.get("spec") or {}).get("target") or {}
+    return target.get("name") or f"clone-{clone['metadata']['uid'][:8]}"
+
+
+def target_vm(clone: JSON, source: JSON) -> JSON:
+    """The target VM (pure): see the module docstring."""
+    spec = clone.get("spec") or {}
+    name = target_name(clone)
+    smeta = source["metadata"]
+    vm_spec = copy.deepcopy(source.get("spec") or {})
+    vm_spec.pop("dataVolumeTemplates", None)
+    template = vm_spec.setdefault("template", {})
+    tmeta = template.setdefault("metadata", {})
+    tfilters = spec.get("template") or {}
+    tmeta["labels"] = _filtered(tmeta.get("labels"), tfilters.get("labelFilters"))
+    if tmeta["labels"].get("kubevirt.io/vm") == smeta["name"]:
+        tmeta["labels"]["kubevirt.io/vm"] = name
+    tmeta["annotations"] = _filtered(tmeta.get("annotations"), tfilters.get("annotationFilters"))
+    tspec = template.setdefault("spec", {})
+    for volume in tspec.get("volumes") or []:
+        claim = claim_of(volume)
+        if claim:
+            new = restore_name(clone, volume["name"])
+            hot = {"hotpluggable": True} if (volume.get("dataVolume") or volume.get("persistentVolumeClaim")
+                                             or {}).get("hotpluggable") else {}
+            volume.pop("persistentVolumeClaim", None)
+            volume["dataVolume"] = {"name": new, **hot}
+    new_macs = spec.get("newMacAddresses") or {}
+    for iface in ((tspec.get("domain") or {}).get("devices") or {}).get("interfaces") or []:
+        if iface.get("name") in new_macs:
+            iface["macAddress"] = new_macs[iface["name"]]
+        else:
+            iface.pop("macAddress", None)
+    firmware = (tspec.get("domain") or {}).get("firmware")
+    if isinstance(firmware, dict):
+        firmware.pop("uuid", None)
+        firmware.pop("serial", None)
+    if spec.get("newSMBiosSerial"):
+        tspec.setdefault("domain", {}).setdefault("firmware", {})["serial"] = spec["newSMBiosSerial"]
+    return {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": smeta.get("namespace"),
+                     "labels": _filtered(smeta.get("labels"), spec.get("labelFilters")),
+                     "annotations": {k: v for k, v in _filtered(smeta.get("annotations"),
+                                                                spec.get("annotationFilters")).items()
+                                     if not k.startswith("kubevirt.io/latest-observed-api-version")
+                                     and not k.startswith("kubevirt.io/storage-observed-api-version")}},
+        "spec": vm_spec,
+    }
+
+
+class VMCloneController:
+    def __init__(self, client: rest.Client) -> None:
+        self.client = client
+        self.clones = informer.Informer(client, CLONES)
+        self.dvs = informer.Informer(client, DATAVOLUMES)
+        self.vms = informer.Informer(client, VMS)
+        self.recorder = events.EventRecorder(client, COMPONENT)
+        self.queue = informer.WorkQueue(self._reconcile, workers=2, name="vmclone")
+        self.clones.add_handler(lambda _k, obj, _o: self.queue.add(informer.key_of(obj)))
+        self.dvs.add_handler(self._on_owned)
+        self.vms.add_handler(self._on_vm)
+
+    async def start(self) -> None:
+        for inf in (self.clones, self.dvs, self.vms):
+            inf.start()
+        self.queue.start()
+
+    async def stop(self) -> None:
+        await self.queue.stop()
+        for inf in (self.clones, self.dvs, self.vms):
+            await inf.stop()
+
+    def _on_owned(self, _kind: str, obj: JSON, _old: JSON | None) -> None:
+        name = ((obj.get("metadata") or {}).get("labels") or {}).get(CLONE_LABEL)
+        if name:
+            self.queue.add((obj["metadata"].get("namespace") or "", name))
+
+    def _on_vm(self, _kind: str, obj: JSON, _old: JSON | None) -> None:
+        ns = obj["metadata"].get("namespace") or ""
+        for clone in self.clones.list(ns):  # a source stopping lets its clones go on
+            if ((clone.get("spec") or {}).get("source") or {}).get("name") == obj["metadata"]["name"]:
+                self.queue.add((ns, clone["metadata"]["name"]))
+
+    async def _reconcile(self, key: informer.Key) -> float | None:
+        if not (self.clones.synced.is_set() and self.dvs.synced.is_set() and self.vms.synced.is_set()):
+            return 0.2
+        clone = self.clones.get(*key)
+        if clone is None or clone["metadata"].get("deletionTimestamp"):
+            return None
+        status = clone.get("status") or {}
+        if status.get("phase") in (SUCCEEDED, FAILED):
+            return None
+        ns = key[0]
+        spec = clone.get("spec") or {}
+        source_ref = spec.get("source") or {}
+        if source_ref.get("kind") != "VirtualMachine":
+            return await self._fail(clone, "UnsupportedSource",
+                                    f"source kind {source_ref.get('kind')!r} is not supported: use VirtualMachine")
+        if spec.get("patches"):
+            return await self._fail(clone, "UnsupportedPatches", "spec.patches is not supported by virtplane yet")
+        target_ref = spec.get("target") or {}
+        if target_ref.get("kind") not in (None, "VirtualMachine"):
+            return await self._fail(clone, "UnsupportedTarget", "the target must be a VirtualMachine")
+        name = target_name(clone)
+        target = self.vms.get(ns, name)
+        if status.get("phase") in (None, "", SNAPSHOT_IN_PROGRESS):
+            source = self.vms.get(ns, str(source_ref.get("name") or ""))
+            if source is None:
+                await self._set(clone, SNAPSHOT_IN_PROGRESS, "False", "SourceDoesNotExist",
+                                f"source VM {source_ref.get('name')} does not exist")
+                return 5.0
+            if target is not None:
+                return await self._fail(clone, "TargetExists", f"target VM {name} already exists")
+            try:
+                vmi = await self.client.get(VMIS, source["metadata"]["name"], ns)
+            except rest.NotFound:
+                vmi = None
+            if vmi is not None and (vmi.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                await self._set(clone, SNAPSHOT_IN_PROGRESS, "True", "SourceRunning",
+                                "waiting for the source VM to stop (only stopped VMs can be cloned)")
+                return 5.0
+            await self._set(clone, CREATING_TARGET, "True", "CreatingTargetVM", f"creating VM {name}")
+            return await self._create_target(clone, source)
+        if status.get("phase") == CREATING_TARGET:
+            source = self.vms.get(ns, str(source_ref.get("name") or ""))
+            if source is None:
+                return await self._fail(clone, "SourceDoesNotExist", "the source VM was deleted during the clone")
+            return await self._create_target(clone, source)
+        # RestoreInProgress: the DataVolume clones
+        dvs = [d for d in self.dvs.list(ns) if (d["metadata"].get("labels") or {}).get(CLONE_LABEL) == key[1]]
+        failed = [d for d in dvs if (d.get("status") or {}).get("phase") == "Failed"]
+        if failed:
+            return await self._fail(clone, "RestoreFailed", f"cloning volume {failed[0]['metadata']['name']} failed")
+        if all((d.get("status") or {}).get("phase") == "Succeeded" for d in dvs):
+            await self._set(clone, SUCCEEDED, "False", "Succeeded", f"VM {name} was cloned", ready="True")
+            await self.recorder.event(clone, "Normal", "CloneSucceeded", f"Successfully cloned into VM {name}")
+            return None
+        return None  # DataVolume events bring us back
+
+    async def _create_target(self, clone: JSON, source: JSON) -> float | None:
+        ns = source["metadata"].get("namespace") or ""
+        body = target_vm(clone, source)
+        try:
+            target = await self.client.create(VMS, body, ns)
+        except rest.Conflict:
+            target = await self.client.get(VMS, body["metadata"]["name"], ns)
+        except rest.APIError as exc:
+            return await self._fail(clone, "TargetVMCreationFailed", exc.status.get("message", str(exc)))
+        owner = vmi_ctrl.owner_reference({**target, "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine"})
+        for volume in ((source.get("spec") or {}).get("template") or {}).get("spec", {}).get("volumes") or []:
+            claim = claim_of(volume)
+            if not claim:
+                continue
+            try:
+                pvc = await self.client.get(PVCS, claim, ns)
+            except rest.NotFound:
+                return await self._fail(clone, "SourceVolumeMissing", f"PVC {claim} of the source VM does not exist")
+            pspec = pvc.get("spec") or {}
+            storage: JSON = {"resources": copy.deepcopy(pspec.get("resources") or {})}
+            for k in ("storageClassName", "volumeMode", "accessModes"):
+                if pspec.get(k):
+                    storage[k] = copy.deepcopy(pspec[k])
+            dv = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                  "metadata": {"name": restore_name(clone, volume["name"]), "namespace": ns,
+                               "labels": {CLONE_LABEL: clone["metadata"]["name"]}, "ownerReferences": [owner]},
+                  "spec": {"source": {"pvc": {"namespace": ns, "name": claim}}, "storage": storage}}
+            try:
+                await self.client.create(DATAVOLUMES, dv, ns)
+            except rest.Conflict:
+                pass  # created by an earlier pass
+            except rest.APIError as exc:
+                return await self._fail(clone, "RestoreFailed", exc.status.get("message", str(exc)))
+        await self._set(clone, RESTORE_IN_PROGRESS, "True", "RestoreInProgress", "cloning the source's volumes",
+                        target=target["metadata"]["name"])
+        self.queue.add_after(informer.key_of(clone), 0.5)
+        return None
+
+    async def _fail(self, clone: JSON, reason: str, message: str) -> None:
+        log.warning("clone %s/%s failed: %s", clone["metadata"].get("namespace"), clone["metadata"]["name"], message)
+        await self._set(clone, FAILED, "False", reason, message, ready="False")
+        await self.recorder.event(clone, "Warning", reason, message)
+
+    async def _set(self, clone: JSON, phase: str, progressing: str, reason: str, message: str, *,
+                   ready: str = "False", target: str | None = None) -> None:  # fmt: skip
+        for _attempt in range(5):
+            body = copy.deepcopy(clone)
+            status = body.setdefault("status", {})
+            status["phase"] = phase
+            if not status.get("creationTime"):
+                status["creationTime"] = events.now_rfc3339()
+            if target:
+                status["targetName"] = target
+            conds = list(status.get("conditions") or [])
+            conds = vmi_ctrl.set_condition(conds, {"type": "Progressing", "status": progressing, "reason": reason,
+                                                   "message": message, "lastProbeTime": None,
+                                                   "lastTransitionTime": events.now_rfc3339()})
+            conds = vmi_ctrl.set_condition(conds, {"type": "Ready", "status": ready, "reason": reason,
+                                                   "message": message, "lastProbeTime": None,
+                                                   "lastTransitionTime": events.now_rfc3339()})
+            status["conditions"] = conds
+            if body == clone:
+                return
+            try:
+                await self.client.update_status(CLONES, body)
+                return
+            except rest.Conflict:
+                clone = await self.client.get(CLONES, clone["metadata"]["name"], clone["metadata"].get("namespace"))
+            except rest.NotFound:
+                return
