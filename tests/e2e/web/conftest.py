@@ -23,6 +23,7 @@ from virtplane.web import serve
 
 VM = "web-vm"
 BULK = ("web-bulk-a", "web-bulk-b")
+HOT = "web-hot"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "web"
 # Headless Chromium as root on a machine with no outside network: without the background-networking flags it
@@ -41,6 +42,7 @@ def image(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterato
         finally:
             # a leftover running VM would burn the shared CPUs for every later test
             cluster.kubectl("delete", "vm", VM, *BULK, "--ignore-not-found", "--wait=false", check=False)
+            cluster.kubectl("delete", "dv", HOT, "--ignore-not-found", "--wait=false", check=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.web.conftest import BULK, VM, shot
+from tests.e2e.web.conftest import BULK, HOT, VM, shot
 from virtplane.testing.cluster import Cluster
 
 pytestmark = pytest.mark.e2e
@@ -128,6 +128,23 @@ def test_yaml_edit_conflict_is_explained(page: Any, cluster: Cluster) -> None:
     page.get_by_role("tab", name="Diagnostics").click()
     page.get_by_test_id("console-log").filter(has_text="web-42").wait_for()
     shot(page, "07-vm-diagnostics")
+
+
+def test_hotplug_a_disk_from_the_configuration_tab(page: Any, cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": HOT},
+        "spec": {"source": {"blank": {}},
+                 "storage": {"resources": {"requests": {"storage": "64Mi"}}, "storageClassName": "shared"}}}))
+    page.get_by_role("tab", name="Configuration").click()
+    choice = page.get_by_label("Volume to add")
+    page.wait_for_function(f"() => [...document.querySelectorAll('option')].some(o => o.value === 'dv/{HOT}')")
+    choice.select_option(f"dv/{HOT}")
+    page.get_by_role("button", name="Add disk").click()
+    disks = page.locator('table[aria-label="Configured disks"]')
+    disks.locator("tr", has_text=HOT).filter(has_text="Ready").wait_for(timeout=120_000)
+    shot(page, "05b-vm-configuration-hotplug")
+    page.locator(f'[data-remove="{HOT}"]').click()
+    disks.locator("tr", has_text=HOT).wait_for(state="detached", timeout=120_000)
 
 
 @pytest.mark.parametrize(("route", "heading", "name"), [

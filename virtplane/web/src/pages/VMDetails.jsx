@@ -2,7 +2,7 @@ import { useEffect, useMemo, useState } from 'react';
 import {
   Alert, Button, DescriptionList, DescriptionListDescription, DescriptionListGroup, DescriptionListTerm, Label,
   PageSection, Tab, TabTitleText, Tabs, TextArea, Title, Toolbar, ToolbarContent, ToolbarItem, Breadcrumb,
-  BreadcrumbItem,
+  BreadcrumbItem, Checkbox, FormSelect, FormSelectOption,
 } from '@patternfly/react-core';
 import { Table, Tbody, Td, Th, Thead, Tr } from '@patternfly/react-table';
 import * as yaml from 'js-yaml';
@@ -10,8 +10,11 @@ import { R, age, getText, request, resourcePath, useWatch } from '../api.js';
 import { ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, runAction, vmStatus } from './common.jsx';
 import { SerialConsole, VNCConsole } from './Consoles.jsx';
 
-const TABS = ['overview', 'yaml', 'events', 'console', 'diagnostics'];
-const TAB_TITLES = { overview: 'Overview', yaml: 'YAML', events: 'Events', console: 'Console', diagnostics: 'Diagnostics' };
+const TABS = ['overview', 'configuration', 'yaml', 'events', 'console', 'diagnostics'];
+const TAB_TITLES = {
+  overview: 'Overview', configuration: 'Configuration', yaml: 'YAML', events: 'Events', console: 'Console',
+  diagnostics: 'Diagnostics',
+};
 
 function DL({ items }) {
   return (
@@ -78,6 +81,84 @@ function OverviewTab({ vm, vmi }) {
   );
 }
 
+// Disk hotplug through KubeVirt's addvolume/removevolume subresources: on the running VMI only, or persisted
+// into the VM (then the VM controller carries it to the VMI, and it survives a restart).
+function ConfigurationTab({ vm, vmi }) {
+  const { namespace, name } = vm.metadata;
+  const dvs = useWatch(R.dataVolumes, { namespace });
+  const pvcs = useWatch(R.pvcs, { namespace });
+  const [source, setSource] = useState('');
+  const [bus, setBus] = useState('scsi');
+  const [persist, setPersist] = useState(true);
+  const [error, setError] = useState(null);
+  const [done, setDone] = useState('');
+  const running = vmi && vmi.status && vmi.status.phase === 'Running';
+  const tmpl = (vm.spec.template && vm.spec.template.spec) || {};
+  const vmiVolumes = (vmi && vmi.spec && vmi.spec.volumes) || [];
+  const volumes = [...(tmpl.volumes || []), ...vmiVolumes.filter((v) => !(tmpl.volumes || []).some((t) => t.name === v.name))];
+  const statusOf = new Map(((vmi && vmi.status && vmi.status.volumeStatus) || []).map((v) => [v.name, v]));
+  const hot = (v) => Boolean((v.dataVolume && v.dataVolume.hotpluggable) || (v.persistentVolumeClaim && v.persistentVolumeClaim.hotpluggable));
+  const used = new Set(volumes.map((v) => (v.dataVolume && v.dataVolume.name) || (v.persistentVolumeClaim && v.persistentVolumeClaim.claimName)));
+  const choices = [
+    ...dvs.items.map((d) => ['dv', d.metadata.name]),
+    ...pvcs.items.filter((p) => !dvs.items.some((d) => d.metadata.name === p.metadata.name)).map((p) => ['pvc', p.metadata.name]),
+  ].filter(([, n]) => !used.has(n));
+  const sub = (target, action, body) => request('PUT',
+    `/apis/subresources.kubevirt.io/v1/namespaces/${namespace}/${target}/${name}/${action}`, body);
+  const add = async () => {
+    setError(null); setDone('');
+    const [kind, claim] = source.split('/');
+    const volumeSource = kind === 'dv' ? { dataVolume: { name: claim, hotpluggable: true } }
+      : { persistentVolumeClaim: { claimName: claim, hotpluggable: true } };
+    try {
+      await sub(persist ? 'virtualmachines' : 'virtualmachineinstances', 'addvolume',
+        { name: claim, disk: { disk: { bus } }, volumeSource });
+      setDone(`Requested: add ${claim}`); setSource('');
+    } catch (e) { setError(e); }
+  };
+  const remove = async (vol) => {
+    setError(null); setDone('');
+    const inTemplate = (tmpl.volumes || []).some((t) => t.name === vol);
+    try {
+      await sub(inTemplate ? 'virtualmachines' : 'virtualmachineinstances', 'removevolume', { name: vol });
+      setDone(`Requested: remove ${vol}`);
+    } catch (e) { setError(e); }
+  };
+  return (
+    <>
+      <Title headingLevel="h3">Disks</Title>
+      <ErrorAlert error={error} title="The request was refused" onClose={() => setError(null)} />
+      {done && <Alert variant="info" isInline title={done} />}
+      <SimpleTable label="Configured disks" columns={['Volume', 'Source', 'Hotplug', 'Phase', '']}
+        rows={volumes.map((v) => {
+          const kind = Object.keys(v).find((k) => k !== 'name');
+          const st = statusOf.get(v.name) || {};
+          return [v.name, kind, hot(v) ? 'yes' : '', st.phase || '',
+            hot(v) ? <Button variant="link" isDanger onClick={() => remove(v.name)} data-remove={v.name}>Remove</Button> : ''];
+        })} />
+      <Title headingLevel="h3" style={{ marginTop: 16 }}>Add a disk {running ? '(hot-plugged into the running VM)' : ''}</Title>
+      <Toolbar><ToolbarContent>
+        <ToolbarItem>
+          <FormSelect value={source} onChange={(_e, v) => setSource(v)} aria-label="Volume to add">
+            <FormSelectOption value="" label="Choose a DataVolume or PVC" isPlaceholder />
+            {choices.map(([k, n]) => <FormSelectOption key={`${k}/${n}`} value={`${k}/${n}`} label={`${n} (${k === 'dv' ? 'DataVolume' : 'PVC'})`} />)}
+          </FormSelect>
+        </ToolbarItem>
+        <ToolbarItem>
+          <FormSelect value={bus} onChange={(_e, v) => setBus(v)} aria-label="Bus">
+            <FormSelectOption value="scsi" label="scsi" />
+            <FormSelectOption value="virtio" label="virtio" />
+          </FormSelect>
+        </ToolbarItem>
+        <ToolbarItem>
+          <Checkbox id="persist" label="Persist in the VirtualMachine" isChecked={persist} onChange={(_e, c) => setPersist(c)} />
+        </ToolbarItem>
+        <ToolbarItem><Button onClick={add} isDisabled={!source}>Add disk</Button></ToolbarItem>
+      </ToolbarContent></Toolbar>
+    </>
+  );
+}
+
 function YAMLTab({ vm }) {
   const [text, setText] = useState(() => yaml.dump(vm, { noRefs: true, lineWidth: 120 }));
   const [dirty, setDirty] = useState(false);
@@ -130,7 +211,7 @@ export function EventsTable({ events }) {
   return (
     <SimpleTable label="Events" columns={['Type', 'Reason', 'Object', 'Message', 'Count', 'Last seen']}
       rows={sorted.slice(0, 200).map((e) => [
-        e.type, e.reason, `${e.involvedObject.kind}/${e.involvedObject.name}`, e.message, e.count || 1,
+        e.type, e.reason, `${e.involvedObject?.kind || ''}/${e.involvedObject?.name || ''}`, e.message, e.count || 1,
         age(e.lastTimestamp || e.eventTime || e.metadata.creationTimestamp)])} />
   );
 }
@@ -234,6 +315,7 @@ export function VMDetails({ namespace, name, tab }) {
           <Tab key={t} eventKey={t} title={<TabTitleText>{TAB_TITLES[t]}</TabTitleText>}>
             <div style={{ paddingTop: 16 }}>
               {t === 'overview' && <OverviewTab vm={vm} vmi={vmi} />}
+              {t === 'configuration' && <ConfigurationTab vm={vm} vmi={vmi} />}
               {t === 'yaml' && <YAMLTab vm={vm} />}
               {t === 'events' && <EventsTab vm={vm} />}
               {t === 'console' && <ConsoleTab vm={vm} vmi={vmi} />}
