@@ -226,6 +226,56 @@ class PodNetwork:
             raise PodNetworkError(f"pod network: dnsmasq exited ({proc.returncode}): {err}")
         return proc.pid
 
+    async def attach_secondary(self, uid: str, ifname: str, conflist: dict[str, Any]) -> tuple[int, str | None]:
+        """A Multus-style secondary network with KubeVirt's bridge binding, in the VMI's netns (set up before):
+        the NAD's CNI chain ADDed as `ifname`, then a bridge `k6t-<ifname>` joining that interface and a tap
+        for QEMU. The address the NAD's IPAM gave moves from the pod interface to the guest, by DHCP from a
+        dnsmasq on that bridge (the bridge itself only has a link-local address, as KubeVirt's has).
+        Returns (tap fd, the guest's address or None when the NAD has no IPAM). The caller tears the whole
+        VMI network down on failure (teardown() also undoes what got this far)."""
+        state = json.loads(self._state_file(uid).read_text())
+        ns = state["netns"]
+        entry: dict[str, Any] = {"ifname": ifname, "conflist": conflist}
+        state.setdefault("secondaries", []).append(entry)
+        self._save(uid, state)  # before ADD: a crash in between is still DELeted
+        inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)), ifname=ifname)
+        result = await cni.add(conflist, inv, self.cni_path)
+        entry["result"] = result
+        self._save(uid, state)
+        cidr = result_ipv4_cidr(result, ifname)
+        bridge, tap = f"k6t-{ifname}", f"tap-{ifname}"
+        sh = netns.run_in
+        await sh(ns, ["ip", "addr", "flush", "dev", ifname])
+        await sh(ns, ["ip", "link", "add", bridge, "type", "bridge"])
+        await sh(ns, ["ip", "addr", "add", "169.254.75.10/32", "dev", bridge])
+        await sh(ns, ["ip", "link", "set", ifname, "master", bridge, "up"])
+        await sh(ns, ["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])
+        await sh(ns, ["ip", "link", "set", tap, "master", bridge, "up"])
+        await sh(ns, ["ip", "link", "set", bridge, "up"])
+        if cidr is not None:
+            iface = ipaddress.ip_interface(cidr)
+            d = self.state_dir / "pods" / uid
+            d.mkdir(parents=True, exist_ok=True)
+            # --shared-network: dnsmasq serves a subnet its interface has no address in (only one would be
+            # taken from the NAD's range otherwise); no router: the pod network keeps the default route.
+            argv = netns.in_netns(ns, [
+                "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--user=root", "--port=0",
+                f"--interface={bridge}", "--bind-interfaces", "--except-interface=lo",
+                f"--shared-network={bridge},{iface.ip}",
+                f"--dhcp-range={iface.ip},{iface.ip},{iface.netmask},infinite", "--dhcp-authoritative",
+                f"--dhcp-leasefile={d / f'leases-{ifname}'}", f"--log-facility={d / f'dnsmasq-{ifname}.log'}",
+                "--log-dhcp", f"--pid-file={d / f'dnsmasq-{ifname}.pid'}",
+            ])  # fmt: skip
+            proc = await asyncio.to_thread(_spawn, argv, d / f"dnsmasq-{ifname}.stderr")
+            entry["dnsmasqPid"] = proc.pid
+            self._save(uid, state)
+            await asyncio.sleep(0.2)
+            if proc.poll() is not None:
+                err = (d / f"dnsmasq-{ifname}.stderr").read_text(errors="replace").strip()
+                raise PodNetworkError(f"dnsmasq for {ifname} exited ({proc.returncode}): {err}")
+        fd = await asyncio.to_thread(netns.open_tap, ns, tap)
+        return fd, str(ipaddress.ip_interface(cidr).ip) if cidr else None
+
     async def teardown(self, uid: str) -> list[str]:
         """Stop dnsmasq, CNI DEL (releases the IP), remove the netns. Idempotent; returns the errors."""
         self._ips.pop(uid, None)
@@ -235,10 +285,16 @@ class PodNetwork:
         except (OSError, ValueError):
             return []
         errors: list[str] = []
+        ns = state.get("netns") or netns_name(uid)
+        for sec in reversed(state.get("secondaries") or []):  # secondary networks first, last added first
+            if sec.get("dnsmasqPid"):
+                await asyncio.to_thread(_stop_pid, int(sec["dnsmasqPid"]))
+            inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
+                                 ifname=sec["ifname"])  # fmt: skip
+            errors += await cni.delete(sec["conflist"], inv, self.cni_path, sec.get("result"), quiet=True)
         pid = state.get("dnsmasqPid")
         if pid:
             await asyncio.to_thread(_stop_pid, int(pid))
-        ns = state.get("netns") or netns_name(uid)
         conflist = state.get("conflist")
         if conflist:
             inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
@@ -277,6 +333,19 @@ async def _fix_bridge_macs(conflist: Mapping[str, Any]) -> None:
             digest = hashlib.sha256(name.encode()).digest()
             pinned = ":".join(f"{b:02x}" for b in (0x0A, 0x58, *digest[:4]))
             await netns.run(["ip", "link", "set", name, "address", pinned])
+
+
+def result_ipv4_cidr(result: Mapping[str, Any], ifname: str) -> str | None:
+    """The first IPv4 address with its prefix ("192.168.1.5/24") on `ifname` in a CNI ADD result."""
+    ifaces = result.get("interfaces") or []
+    for ip in result.get("ips") or []:
+        addr = str(ip.get("address", ""))
+        if not addr or ":" in addr:
+            continue
+        idx = ip.get("interface")
+        if idx is None or (isinstance(idx, int) and idx < len(ifaces) and ifaces[idx].get("name") == ifname):
+            return addr
+    return None
 
 
 def upstream_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:

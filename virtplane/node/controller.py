@@ -42,6 +42,7 @@ Key = tuple[str, str]
 
 VMIS = rest.GVR("kubevirt.io", "v1", "virtualmachineinstances")
 PODS = rest.GVR("", "v1", "pods")
+NADS = rest.GVR("k8s.cni.cncf.io", "v1", "network-attachment-definitions")
 DEFAULT_GRACE_SECONDS = 30
 POWERDOWN_RESEND = 5.0  # a booting guest can miss the ACPI button: press it again (KubeVirt does too)
 RESYNC_SECONDS = 30.0
@@ -195,6 +196,14 @@ class VMIController:
             return None
         return await self._sync(key, vmi, rt)
 
+    async def _get_nad(self, namespace: str, name: str) -> JSON:
+        """A multus network's NetworkAttachmentDefinition, read through the API as Multus does."""
+        try:
+            return await self.client.get(NADS, name, namespace)
+        except rest.NotFound:
+            raise network.NetworkSetupError(
+                f"NetworkAttachmentDefinition {namespace}/{name} not found") from None
+
     # -- start --------------------------------------------------------------------------------------------
     async def _start(self, key: Key, vmi: JSON) -> float | None:
         meta = vmi["metadata"]
@@ -207,7 +216,7 @@ class VMIController:
         # pod-network hook (virtplane.network, `virtplane node --pod-network cni`): netns, CNI ADD, masquerade
         # binding before QEMU exists; undone on failure (and on delete, by network.teardown below).
         try:
-            await network.prepare(vmi)
+            await network.prepare(vmi, self._get_nad)
         except network.NetworkSetupError as err:
             await self._finish(key, vmi, rt, st.FAILED, f"cannot run this VMI: {err}", remove=True)
             return None

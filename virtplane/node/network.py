@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from virtplane.hypervisor.runtime import NetworkAttachment
+from virtplane.network import cni, netns
 from virtplane.network.pod import PodNetwork, PodNetworkError, interface_ports
 from virtplane.network.services import DEFAULT_DOMAIN
 
@@ -70,9 +71,19 @@ def attachments(vmi: Mapping[str, Any]) -> dict[str, NetworkAttachment]:
         network = networks.get(name)
         if network is None:
             raise NetworkSetupError(f"{field}: no network named {name!r}")
+        if "multus" in network and "pod" not in network:
+            if "bridge" not in iface:
+                kind = next((b for b in ("masquerade", "sriov", "passt", "binding") if b in iface), "none")
+                raise NetworkSetupError(f"{field}: binding {kind!r} on a multus network is not supported "
+                                        f"(bridge only)")  # fmt: skip
+            fd = _sec_fds.get((_uid(vmi), name))
+            if fd is None:
+                raise NetworkSetupError(f"{field}: multus network {name!r} was not set up for this VMI")
+            out[name] = NetworkAttachment.from_fd(fd)
+            continue
         if "pod" not in network:
             kind = next((k for k in network if k != "name"), "unknown")
-            raise NetworkSetupError(f"{field}: {kind} networks are not supported on this node yet (pod only)")
+            raise NetworkSetupError(f"{field}: {kind} networks are not supported on this node yet")
         binding = next((b for b in POD_BINDINGS if b in iface), None)
         if binding is None:
             kind = next(
@@ -124,14 +135,43 @@ def cluster_search(namespace: str, domain: str = DEFAULT_DOMAIN) -> list[str]:
 
 # uid → our copy of the tap fd, from prepare() until QEMU has inherited it (release()).
 _tap_fds: dict[str, int] = {}
+# (uid, interface name) → our copy of a multus network's tap fd, likewise.
+_sec_fds: dict[tuple[str, str], int] = {}
 
 
-async def prepare(vmi: Mapping[str, Any]) -> None:
-    """On a CNI node: set up the pod network of the VMI's masquerade interface (idempotent while prepared).
-    attachments() then hands QEMU its tap fd. On failure nothing is left behind; NetworkSetupError says why."""
+def _uid(vmi: Mapping[str, Any]) -> str:
+    return str((vmi.get("metadata") or {}).get("uid", ""))
+
+
+def multus_interfaces(vmi: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(interface name, NAD reference) of the VMI's multus networks, in interface order (pod ifnames net1..)."""
+    spec = vmi.get("spec") or {}
+    nets = {n.get("name"): n for n in spec.get("networks") or []}
+    out = []
+    for iface in ((spec.get("domain") or {}).get("devices") or {}).get("interfaces") or []:
+        net = nets.get(iface.get("name")) or {}
+        if iface.get("state") != "absent" and "multus" in net and "pod" not in net:
+            out.append((str(iface["name"]), str((net.get("multus") or {}).get("networkName") or "")))
+    return out
+
+
+# A NetworkAttachmentDefinition lookup: (namespace, name) → the NAD object (raises NetworkSetupError).
+NADGetter = Callable[[str, str], Awaitable[Mapping[str, Any]]]
+
+
+async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None) -> None:
+    """On a CNI node: set up the pod network of the VMI's masquerade interface and its multus (bridge binding)
+    networks (idempotent while prepared). attachments() then hands QEMU the tap fds. On failure nothing is
+    left behind; NetworkSetupError says why."""
     iface = _masquerade_iface(vmi)
-    uid = vmi["metadata"]["uid"]
-    if _pod_network is None or iface is None or uid in _tap_fds:
+    uid = _uid(vmi)
+    secondaries = multus_interfaces(vmi)
+    if uid in _tap_fds:
+        return
+    if secondaries and (_pod_network is None or iface is None):
+        raise NetworkSetupError("multus networks need the CNI pod network on this node (virtplane node "
+                                "--pod-network cni) and a masquerade pod interface")  # fmt: skip
+    if _pod_network is None or iface is None:
         return
     ns = (vmi.get("metadata") or {}).get("namespace") or "default"
     try:
@@ -140,14 +180,31 @@ async def prepare(vmi: Mapping[str, Any]) -> None:
         raise NetworkSetupError(str(err)) from None
     assert att.tap_fd is not None
     _tap_fds[uid] = att.tap_fd
+    try:
+        for i, (name, ref) in enumerate(secondaries, start=1):
+            nad_ns, _, nad_name = ref.rpartition("/")
+            if get_nad is None:
+                raise NetworkSetupError(f"network {name!r}: no NetworkAttachmentDefinition lookup on this node")
+            nad = await get_nad(nad_ns or ns, nad_name)
+            try:
+                conflist = cni.parse_config(str((nad.get("spec") or {}).get("config") or ""))
+                fd, _ip = await _pod_network.attach_secondary(uid, f"net{i}", conflist)
+            except (cni.CNIError, PodNetworkError, netns.NetnsError, OSError, ValueError) as err:
+                raise NetworkSetupError(f"network {name!r} (NetworkAttachmentDefinition {nad_ns or ns}/"
+                                        f"{nad_name}): {err}") from None  # fmt: skip
+            _sec_fds[(uid, name)] = fd
+    except NetworkSetupError:
+        await teardown(uid)  # nothing half-configured: the netns, the pod IP and every NAD's IP go
+        raise
 
 
 def release(uid: str) -> None:
-    """Close our copy of the tap fd once QEMU has inherited it (or never will)."""
-    fd = _tap_fds.pop(uid, None)
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    """Close our copies of the tap fds once QEMU has inherited them (or never will)."""
+    fds = [_tap_fds.pop(uid, None)] + [_sec_fds.pop(k) for k in [k for k in _sec_fds if k[0] == uid]]
+    for fd in fds:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 async def teardown(uid: str) -> None:

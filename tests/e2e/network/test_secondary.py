@@ -1,0 +1,108 @@
+"""Multus-style secondary networks with KubeVirt's bridge binding on a CNI node: a NetworkAttachmentDefinition
+whose config is a real bridge + host-local chain; two VMs with a second NIC on it get their NAD addresses by
+DHCP and reach each other over it. A broken NAD fails the VMI clearly and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.network.test_pod_network import delete_and_wait, leftovers, netns_list, netns_of
+from tests.e2e.node.conftest import VMIS, wait_until
+from tests.e2e.node.test_node_agent import NS, _ready_node, schedule, vmi_body, wait_file
+from virtplane.client import rest
+
+NADS = rest.GVR("k8s.cni.cncf.io", "v1", "network-attachment-definitions")
+SUBNET = "192.168.177.0/24"
+
+GUEST_SCRIPT = """#!/bin/sh
+ip route | grep -q '^default' || ip route add default via 10.0.2.1
+i=0
+while [ $i -lt 60 ] && ! ip -4 addr show eth1 | grep -q inet; do i=$((i+1)); sleep 1; done
+me=$(ip -4 addr show eth1 | sed -n 's/.*inet \\([0-9.]*\\/[0-9]*\\).*/\\1/p')
+echo "E2E-ETH1 $me" > /dev/console
+i=0
+while [ $i -lt 90 ]; do
+  i=$((i+1))
+  for p in 192.168.177.2 192.168.177.3 192.168.177.4; do
+    [ "$p/24" = "$me" ] && continue
+    if ping -c 1 -W 1 $p >/dev/null 2>&1; then echo "E2E-PEER $p" > /dev/console; exit 0; fi
+  done
+done
+echo "E2E-PEER none" > /dev/console
+"""
+
+
+@pytest.fixture
+def bridge() -> Iterator[str]:
+    name = f"vpnad{secrets.token_hex(3)}"  # host-global: unique per run, removed after
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "delete", name], check=False, capture_output=True)
+
+
+def nad(name: str, config: Any) -> dict[str, Any]:
+    return {"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"config": config if isinstance(config, str) else json.dumps(config)}}  # fmt: skip
+
+
+def with_secondary(body: dict[str, Any], network: str) -> dict[str, Any]:
+    body["spec"]["domain"]["devices"]["interfaces"].append({"name": "sec", "bridge": {}})
+    body["spec"]["networks"].append({"name": "sec", "multus": {"networkName": network}})
+    return body
+
+
+async def test_two_vms_on_a_bridge_nad(env: dict[str, Any], admin: rest.Client, component: rest.Client,
+                                       bridge: str) -> None:  # fmt: skip
+    await wait_until(lambda: _ready_node(admin), 60, "node Ready")
+    config = {"cniVersion": "1.0.0", "name": "sec-net", "plugins": [{
+        "type": "bridge", "bridge": bridge, "isGateway": False, "ipMasq": False,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "dataDir": str(env["root"] / "ipam")}}]}
+    await admin.create(NADS, nad("sec", config), NS)
+    await admin.create(NADS, nad("broken", "{not json"), NS)
+
+    # A NAD whose config is not a CNI config: the VMI fails saying which network, and no netns is left.
+    await admin.create(VMIS, with_secondary(vmi_body("badsec", env["image"]), "broken"), NS)
+    await schedule(admin, component, "badsec")
+
+    async def failed() -> dict[str, Any] | None:
+        vmi = await admin.get(VMIS, "badsec", NS)
+        return vmi if (vmi.get("status") or {}).get("phase") == "Failed" else None
+
+    vmi = await wait_until(failed, 90, "badsec Failed")
+    ready = next(c for c in vmi["status"]["conditions"] if c["type"] == "Ready")
+    assert "network 'sec' (NetworkAttachmentDefinition default/broken): CNI config is not JSON" in ready["message"]
+    assert netns_of(vmi["metadata"]["uid"]) not in netns_list()
+    assert not leftovers(env["root"], vmi["metadata"]["uid"])
+    await delete_and_wait(admin, "badsec")
+
+    for name in ("seca", "secb"):
+        await admin.create(VMIS, with_secondary(vmi_body(name, env["image"], user_data=GUEST_SCRIPT), "sec"), NS)
+        await schedule(admin, component, name)
+    runtime = env["root"] / "node" / "runtime"
+    addrs = {}
+    for name in ("seca", "secb"):
+        m = await wait_file(runtime / f"{NS}_{name}" / "console.log", r"E2E-ETH1 (\S*)", 300)
+        addrs[name] = m.group(1)
+    assert {a.rsplit(".", 1)[0] for a in addrs.values()} == {"192.168.177"}, addrs  # DHCP: the NAD's IPAM
+    assert len(set(addrs.values())) == 2
+    for name in ("seca", "secb"):
+        m = await wait_file(runtime / f"{NS}_{name}" / "console.log", r"E2E-PEER (\S+)", 200)
+        other = next(a for n, a in addrs.items() if n != name)
+        assert m.group(1) == other.split("/")[0], (name, m.group(0), addrs)  # over the NAD's bridge
+
+    # The guests got the NAD's addresses; host-local holds them until the VMIs go.
+    ipam = env["root"] / "ipam" / "sec-net"
+    held = sorted(p.name for p in ipam.iterdir() if re.match(r"\d+\.\d+\.\d+\.\d+$", p.name))
+    assert held == sorted(a.split("/")[0] for a in addrs.values())
+    for name in ("seca", "secb"):
+        await delete_and_wait(admin, name)
+    assert not [p for p in ipam.iterdir() if re.match(r"\d+\.\d+\.\d+\.\d+$", p.name)]  # released by CNI DEL
