@@ -194,6 +194,7 @@ class ResourceHandler:
                 body = await read_body(request)
                 if not isinstance(body, dict):
                     raise errors.bad_request("the request body must be a JSON object")
+                await srv.check_create(res, ns, body, user)
                 result = await srv.objects.create(res, ns, body, write_options(request, user))
                 return json_response(result.obj, 201, warning_headers(result.warnings))
             if method == "DELETE":

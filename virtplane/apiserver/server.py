@@ -9,6 +9,7 @@ import hashlib
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import virtplane
 from virtplane.api import builtin, openapi, resources
 from virtplane.apiserver import (
     auth,
+    clone_auth,
     consoles,
     discovery,
     errors,
@@ -37,6 +39,7 @@ from virtplane.web import serve as web_console
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("virtplane.apiserver.access")
 JSON = dict[str, Any]
+CreateCheck = Callable[["APIServer", auth.User, str | None, JSON], Awaitable[None]]
 
 KUBE_VERSION = {"major": "1", "minor": "32"}
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -79,7 +82,11 @@ class APIServer:
         self._openapi_cache: dict[Any, bytes] = {}
         self.watch_tasks: set[asyncio.Task[Any]] = set()  # open watch streams, ended on shutdown
         self.bound_port: int = 0
+        # Per-resource checks of a user's create that need the user (authorization beyond the verb): see
+        # register_create_check.
+        self._create_checks: dict[tuple[str, str], list[CreateCheck]] = {}
         kubevirt.register(self)
+        clone_auth.register(self)
         hotplug.register(self)
         upload.register(self)
         consoles.register(self)
@@ -90,6 +97,15 @@ class APIServer:
     def register_subresource(self, group: str, plural: str, name: str, handler: handlers.SubresourceHandler) -> None:
         """Later components plug in start/stop/console/vnc/...; `name` is the first path segment."""
         self._subresources[(group, plural, name)] = handler
+
+    def register_create_check(self, group: str, plural: str, check: CreateCheck) -> None:
+        """`check(server, user, namespace, body)` runs before a user's POST creates a `group/plural` object;
+        it raises a StatusError to refuse (e.g. CDI's clone authorization in another namespace)."""
+        self._create_checks.setdefault((group, plural), []).append(check)
+
+    async def check_create(self, res: resources.Resource, ns: str | None, body: JSON, user: auth.User) -> None:
+        for check in self._create_checks.get((res.group, res.plural), ()):
+            await check(self, user, ns, body)
 
     def add_route(self, method: str, path: str, handler: Any, *, public: bool = False) -> None:
         """An extra endpoint (e.g. CDI's upload proxy). `public` ones skip API-token authentication:
