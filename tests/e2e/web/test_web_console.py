@@ -168,7 +168,11 @@ def _row_action(page: Any, name: str, action: str) -> None:
 def test_stop_and_start_from_the_list(page: Any) -> None:
     page.goto(page.url.split("#")[0] + "#/vms")
     wait_status(page, VM, "Running")
-    assert row(page, VM).locator("td").nth(7).inner_text().strip(), "IP address column is empty"
+    # the IP column fills from the VMI's status.interfaces, which the node agent reports on its own schedule
+    page.wait_for_function(f"""() => {{
+        const r = document.querySelector('tr[data-vm="{VM}"]');
+        return r && r.querySelectorAll('td')[7].innerText.trim() !== '';
+    }}""", timeout=120_000)
     shot(page, "08-vm-list")
     _row_action(page, VM, "Stop")
     wait_status(page, VM, "Stopped")
