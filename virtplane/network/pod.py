@@ -276,6 +276,31 @@ class PodNetwork:
         fd = await asyncio.to_thread(netns.open_tap, ns, tap)
         return fd, str(ipaddress.ip_interface(cidr).ip) if cidr else None
 
+    async def detach_secondary(self, uid: str, ifname: str) -> list[str]:
+        """Undo attach_secondary for one interface (its NIC unplugged): dnsmasq stopped, tap and bridge removed,
+        CNI DEL (releases the NAD address). Idempotent; returns the errors."""
+        try:
+            state = json.loads(self._state_file(uid).read_text())
+        except (OSError, ValueError):
+            return []
+        ns = state.get("netns") or netns_name(uid)
+        keep, errors = [], []
+        for sec in state.get("secondaries") or []:
+            if sec.get("ifname") != ifname:
+                keep.append(sec)
+                continue
+            if sec.get("dnsmasqPid"):
+                await asyncio.to_thread(_stop_pid, int(sec["dnsmasqPid"]))
+            if netns.exists(ns):
+                for link in (f"tap-{ifname}", f"k6t-{ifname}"):
+                    await netns.run_in(ns, ["ip", "link", "delete", link], check=False)
+            inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
+                                 ifname=ifname)  # fmt: skip
+            errors += await cni.delete(sec["conflist"], inv, self.cni_path, sec.get("result"), quiet=True)
+        state["secondaries"] = keep
+        self._save(uid, state)
+        return errors
+
     async def teardown(self, uid: str) -> list[str]:
         """Stop dnsmasq, CNI DEL (releases the IP), remove the netns. Idempotent; returns the errors."""
         self._ips.pop(uid, None)

@@ -238,6 +238,7 @@ class VMIController:
         self._not_ready_attempts.pop(key, None)
         rt.meta.volume_extra = resolved.status_extra
         hotplug.record_boot(rt.meta, vmi)  # hotplug hook: hotpluggable volumes attached at boot
+        rt.meta.nics = network.boot_nics(vmi) if network.pod_network() is not None else {}  # NIC hotplug hook
         rt.machine = machine
         machine.add_state_listener(self._listener(key))
         self.runtimes[key] = rt
@@ -307,6 +308,15 @@ class VMIController:
         was_running = (vmi.get("status") or {}).get("phase") == st.RUNNING
         # hotplug hook (virtplane.node.hotplug): QEMU's disks follow the VMI's hotpluggable volumes
         hotplug_retry = await hotplug.reconcile(self.resolver, vmi, rt, self.recorder)
+        # NIC hotplug hook (virtplane.node.network): QEMU's multus NICs follow the VMI's interfaces
+        nics_before = dict(rt.meta.nics)
+        nic_errors = await network.reconcile_nics(vmi, rt.meta.nics, machine, self._get_nad)
+        if rt.meta.nics != nics_before:
+            rt.save()
+        for err in nic_errors:
+            await self.recorder.event(vmi, "Warning", "SyncFailed", f"NIC hotplug: {err}")
+        if nic_errors:
+            hotplug_retry = min(hotplug_retry or RESYNC_SECONDS, 5.0)
 
         def mutate(obj: JSON) -> None:
             self._running_status(obj, rt)

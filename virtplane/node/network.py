@@ -19,7 +19,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from virtplane.hypervisor.runtime import NetworkAttachment
 from virtplane.network import cni, netns
@@ -196,6 +196,67 @@ async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None) -> N
     except NetworkSetupError:
         await teardown(uid)  # nothing half-configured: the netns, the pod IP and every NAD's IP go
         raise
+
+
+def boot_nics(vmi: Mapping[str, Any]) -> dict[str, str]:
+    """The multus NICs a VMI starts with: interface name → pod interface (net1, net2, ... as prepare() made)."""
+    return {name: f"net{i}" for i, (name, _ref) in enumerate(multus_interfaces(vmi), start=1)}
+
+
+class NicPlugger(Protocol):
+    async def hotplug_nic(self, iface: Mapping[str, Any], attachment: NetworkAttachment) -> str: ...
+    async def unplug_nic(self, name: str, timeout: float = 30.0) -> None: ...  # noqa: ASYNC109
+
+
+async def reconcile_nics(vmi: Mapping[str, Any], plugged: dict[str, str], machine: NicPlugger,
+                         get_nad: NADGetter) -> list[str]:  # fmt: skip
+    """Declarative NIC hotplug (KubeVirt 1.x): a multus interface (bridge binding) added to a running VMI's
+    spec gets the NAD's network in the launcher netns and a virtio NIC over QMP; one marked `state: absent`
+    (or gone from the spec) is unplugged and its network removed. `plugged` (interface → pod ifname) is
+    updated in place. Returns what could not be done (for events; retried on the next sync)."""
+    if _pod_network is None:
+        return []
+    uid = _uid(vmi)
+    spec = vmi.get("spec") or {}
+    ifaces = {i.get("name"): i for i in ((spec.get("domain") or {}).get("devices") or {}).get("interfaces") or []}
+    wanted = dict(multus_interfaces(vmi))
+    errors: list[str] = []
+    for name in [n for n in plugged if n not in wanted]:
+        try:
+            await machine.unplug_nic(name)
+        except Exception as err:  # the guest did not let go (yet): keep it, try again
+            errors.append(f"unplugging interface {name!r}: {err}")
+            continue
+        errors += await _pod_network.detach_secondary(uid, plugged.pop(name))
+    ns = (vmi.get("metadata") or {}).get("namespace") or "default"
+    for name, ref in wanted.items():
+        if name in plugged:
+            continue
+        if "bridge" not in (ifaces.get(name) or {}):
+            errors.append(f"interface {name!r}: only the bridge binding can be hotplugged")
+            continue
+        used = set(plugged.values())
+        ifname = next(f"net{i}" for i in range(1, 64) if f"net{i}" not in used)
+        nad_ns, _, nad_name = ref.rpartition("/")
+        try:
+            nad = await get_nad(nad_ns or ns, nad_name)
+            conflist = cni.parse_config(str((nad.get("spec") or {}).get("config") or ""))
+            fd, _ip = await _pod_network.attach_secondary(uid, ifname, conflist)
+        except (NetworkSetupError, cni.CNIError, PodNetworkError, netns.NetnsError, OSError, ValueError) as err:
+            await _pod_network.detach_secondary(uid, ifname)
+            errors.append(f"interface {name!r}: {err}")
+            continue
+        try:
+            await machine.hotplug_nic(ifaces[name], NetworkAttachment.from_fd(fd))
+        except Exception as err:
+            await _pod_network.detach_secondary(uid, ifname)
+            errors.append(f"hotplugging interface {name!r}: {err}")
+            continue
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # QEMU has its own copy (getfd) or never will
+        plugged[name] = ifname
+    return errors
 
 
 def release(uid: str) -> None:

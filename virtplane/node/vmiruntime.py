@@ -69,6 +69,9 @@ class RuntimeMeta:
     hotplug: dict[str, JSON] = dataclasses.field(default_factory=dict)
     # CD-ROM drives QEMU has: name → the volume inserted as their medium (canonical JSON; "" when empty)
     cdroms: dict[str, str] = dataclasses.field(default_factory=dict)
+    # multus NICs QEMU has: interface name → its pod interface in the launcher netns (net1, ...), so hotplug
+    # and unplug (virtplane.node.network.reconcile_nics) know what is plugged across agent restarts
+    nics: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> JSON:
         return dataclasses.asdict(self)
