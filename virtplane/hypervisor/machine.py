@@ -5,8 +5,9 @@ action and the state when it is not allowed; QMP events and the process exit mov
 only request. The runtime directory holds everything needed to re-attach after the node agent restarts
 (`Machine.adopt`): QEMU outlives its agent by design.
 
-Live migration slots in later: `start(incoming=...)` will launch with `-incoming defer` and
-`migrate(uri, ...)` will drive `migrate`; MIGRATION events already move the state (`MIGRATING`).
+Live migration: `start(incoming=True)` launches the target with `-incoming defer` (then `listen_incoming`),
+`migrate(uri, ...)` drives QMP `migrate` on the source; MIGRATION events move the state (`MIGRATING`, then the
+source PAUSED "migrated" and the target RUNNING).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ ALLOWED: dict[str, frozenset[RunState]] = {
     "stats": _ALIVE,
     "guest_agent": frozenset({_S.RUNNING}),
     "migrate": frozenset({_S.RUNNING, _S.PAUSED}),
+    "migrate_control": _ALIVE,  # cancel, parameters, query-migrate
 }
 
 # query-status "status" → our state, for adoption and resynchronisation.
@@ -236,6 +238,7 @@ class Machine:
         self._last_io_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._detached = False
+        self.incoming = "-incoming" in record.argv  # a migration target (until its guest runs here)
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -334,21 +337,25 @@ class Machine:
         self,
         *,
         paused: bool = False,
-        incoming: str | None = None,
+        incoming: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
         """Launch QEMU and start the guest (`paused=True`: stay paused, KubeVirt's startStrategy: Paused).
 
-        `incoming` (a migration URI) is reserved for live migration and not implemented yet.
+        `incoming`: a live migration target (`-incoming defer`): stays paused until `listen_incoming` and the
+        source's stream; the guest then continues here on its own (the MIGRATION "completed" event).
         """
-        if incoming is not None:
-            raise NotImplementedError("incoming live migration is not implemented yet")
         async with self._lock:
             self._guard("start")
+            if incoming and "-incoming" not in self.record.argv:
+                self.record = dataclasses.replace(self.record, argv=(*self.record.argv, "-incoming", "defer"))
+                self.incoming = True
             self._set_state(RunState.STARTING)
             try:
                 await self._launch(timeout if timeout is not None else self.QMP_CONNECT_TIMEOUT)
-                if not paused:
+                if incoming:
+                    self._set_state(RunState.PAUSED, "waiting for the incoming migration")
+                elif not paused:
                     self._expect["RESUME"] = "started"
                     await self._qmp_exec("cont")
                     self._set_state(RunState.RUNNING, "started")
@@ -518,11 +525,43 @@ class Machine:
                 await self._qmp_exec("system_powerdown")
             return method
 
-    async def migrate(self, uri: str, **options: Any) -> None:
-        """Live-migrate to a QEMU started with `start(incoming=...)` elsewhere. Reserved: not implemented yet
-        (MIGRATION events already move the state to MIGRATING and on to PAUSED when the source is done)."""
-        self._guard("migrate")
-        raise NotImplementedError("live migration is not implemented yet")
+    async def set_migration(self, capabilities: Mapping[str, bool], parameters: Mapping[str, Any]) -> None:
+        """migrate-set-capabilities / migrate-set-parameters (both ends must agree on some capabilities).
+        The `events` capability is always on: MIGRATION events drive RunState."""
+        self._guard("migrate_control")
+        caps = {"events": True, **capabilities}
+        await self._qmp_exec("migrate-set-capabilities", {"capabilities": [
+            {"capability": k, "state": bool(v)} for k, v in caps.items()]})
+        if parameters:
+            await self._qmp_exec("migrate-set-parameters", dict(parameters))
+
+    async def listen_incoming(self, uri: str) -> list[JSON]:
+        """Target: start listening (`migrate-incoming`); returns the bound socket addresses (port 0 picks one)."""
+        self._guard("migrate_control")
+        if not self.incoming:
+            raise InvalidStateError("listen_incoming", "not started as a migration target")
+        await self._qmp_exec("migrate-incoming", {"uri": uri})
+        info = await self._qmp_exec("query-migrate")
+        return list(info.get("socket-address") or [])
+
+    async def migrate(self, uri: str) -> None:
+        """Source: stream the guest to a target listening at `uri` (returns once the migration started;
+        MIGRATION events and `query_migrate` follow it)."""
+        async with self._lock:
+            self._guard("migrate")
+            await self._qmp_exec("migrate", {"uri": uri})
+
+    async def query_migrate(self) -> JSON:
+        self._guard("migrate_control")
+        return dict(await self._qmp_exec("query-migrate"))
+
+    async def migrate_cancel(self) -> None:
+        self._guard("migrate_control")
+        await self._qmp_exec("migrate_cancel")
+
+    async def migrate_start_postcopy(self) -> None:
+        self._guard("migrate_control")
+        await self._qmp_exec("migrate-start-postcopy")
 
     async def kill(self, timeout: float = 10.0) -> ExitInfo:  # noqa: ASYNC109
         """SIGKILL QEMU (by pidfd, never by name) and wait for it to be gone."""
@@ -798,6 +837,12 @@ class Machine:
             status = str(data.get("status"))
             if status in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
                 self._set_state(RunState.MIGRATING, f"migration {status}")
+            elif status == "completed" and self.incoming:
+                # the target: the guest is all here now; vCPUs were left stopped (-S), start them
+                self.incoming = False
+                self._expect["RESUME"] = "migrated in"
+                await self._qmp_exec("cont")
+                self._set_state(RunState.RUNNING, "migrated in")
             elif status == "completed":
                 self._set_state(RunState.PAUSED, "migrated")
             elif status in ("failed", "cancelled"):

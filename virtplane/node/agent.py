@@ -29,6 +29,7 @@ from virtplane.storage import oci
 
 from . import network, nodeinfo
 from .controller import PODS, VMIS, VMIController
+from .migration import TARGET_NODE_LABEL
 from .routes import NodeRoutes
 from .server import AgentServer, ProxyToken
 from .services import ServiceProxy
@@ -88,11 +89,13 @@ class NodeAgent:
 
         vmis = informer.Informer(self.client, VMIS, label_selector=f"{NODE_NAME_LABEL}={cfg.name}")
         pods = informer.Informer(self.client, PODS, label_selector="kubevirt.io=virt-launcher")
+        targets = informer.Informer(self.client, VMIS, label_selector=f"{TARGET_NODE_LABEL}={cfg.name}")
         images = oci.ImageCache(self.data_dir / "images", insecure_registries=cfg.insecure_registries)
         controller = VMIController(
             client=self.client, node_name=cfg.name, node_ip=cfg.address, data_dir=self.data_dir, probe=self.probe,
             resolver=VolumeResolver(self.client, images, ca_data=self.client_config.ca_data),
             recorder=EventRecorder(self.client, "virt-handler", host=cfg.name), vmis=vmis, pods=pods,
+            targets=targets,
         )  # fmt: skip
         self.controller = controller
         self.server = AgentServer(controller, ProxyToken(self.client), cfg.name)
@@ -107,10 +110,12 @@ class NodeAgent:
             self._tasks.append(asyncio.create_task(self._node_status_loop(), name="node-status"))
             await controller.adopt_all()
             vmis.add_handler(controller.on_vmi_event)
+            targets.add_handler(controller.on_vmi_event)
             pods.add_handler(controller.on_pod_event)
             vmis.start()
+            targets.start()
             pods.start()
-            await asyncio.gather(vmis.synced.wait(), pods.synced.wait())
+            await asyncio.gather(vmis.synced.wait(), pods.synced.wait(), targets.synced.wait())
             for key in {*vmis.cache.keys(), *controller.runtimes.keys()}:
                 controller.enqueue(key)
             controller.queue.start()
@@ -131,6 +136,7 @@ class NodeAgent:
                 await routes.stop()
                 await proxy.stop()
             await vmis.stop()
+            await targets.stop()
             await pods.stop()
             await controller.shutdown()
             await self.server.stop()

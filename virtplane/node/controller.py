@@ -32,6 +32,7 @@ from virtplane.hypervisor.runtime import RuntimeDir
 
 from . import hotplug, network
 from . import status as st
+from .migration import NodeMigrations
 from .vmiruntime import RuntimeMeta, VMIRuntime, runtime_dir_name
 from .volumes import VolumeError, VolumeNotReady, VolumeResolver
 
@@ -79,6 +80,7 @@ class VMIController:
         recorder: EventRecorder,
         vmis: informer.Informer,
         pods: informer.Informer,
+        targets: informer.Informer | None = None,
     ) -> None:
         self.client = client
         self.node_name = node_name
@@ -93,6 +95,8 @@ class VMIController:
         self.recorder = recorder
         self.vmis = vmis
         self.pods = pods
+        self.targets = targets  # VMIs migrating to this node (label kubevirt.io/migrationTargetNodeName)
+        self.migrations = NodeMigrations(self)
         self.runtimes: dict[Key, VMIRuntime] = {}
         self.queue = informer.WorkQueue(self.reconcile, workers=16, name="node-vmis")
         self._not_ready_attempts: dict[Key, int] = {}
@@ -155,8 +159,14 @@ class VMIController:
             self.cpu_control.close()  # only what no running VM uses
 
     # -- reconcile ----------------------------------------------------------------------------------------
-    async def reconcile(self, key: Key) -> float | None:
+    def _cached(self, key: Key) -> JSON | None:
         vmi = self.vmis.get(*key)
+        if vmi is None and self.targets is not None:
+            vmi = self.targets.get(*key)
+        return vmi
+
+    async def reconcile(self, key: Key) -> float | None:
+        vmi = self._cached(key)
         rt = self.runtimes.get(key)
         if vmi is None and rt is not None:
             # Not in our (label-selected) cache. Before stopping a VM, ask the API: an object that merely lost
@@ -177,6 +187,10 @@ class VMIController:
             await self._teardown(rt, None)  # a previous VMI of the same name
             rt = None
         status = vmi.get("status") or {}
+        if not meta.get("deletionTimestamp"):
+            handled, requeue = await self.migrations.reconcile(key, vmi, rt)  # source or target of a migration
+            if handled:
+                return requeue
         if status.get("nodeName") not in (None, "", self.node_name):
             return None  # moved to another node: not ours any more
         if meta.get("deletionTimestamp"):
@@ -505,7 +519,10 @@ class VMIController:
     # -- API writes ---------------------------------------------------------------------------------------
     async def _write_vmi(self, key: Key, mutate: Callable[[JSON], None]) -> JSON | None:
         """Read-modify-write with resourceVersion; returns the written (or unchanged) object, None if gone."""
-        current = self.vmis.get(*key)
+        current = self._cached(key)
+        if current is None:
+            with contextlib.suppress(rest.NotFound):
+                current = await self.client.get(VMIS, key[1], key[0])
         for _attempt in range(8):
             if current is None:
                 return None

@@ -1,0 +1,349 @@
+"""The node agent's part of a live migration (KubeVirt's virt-handler migration source and target).
+
+The migration controller hands a VMI over by writing `status.migrationState` (migrationUid, sourceNode,
+targetNode) and the label `kubevirt.io/migrationTargetNodeName`, which makes the VMI visible to the target
+node's agent. Then:
+- target: builds the same machine from the same spec (disks on shared storage or regenerated: containerDisk
+  overlays, cloud-init), starts QEMU with `-incoming defer`, listens on its node address and publishes
+  `targetNodeAddress` / `targetDirectMigrationNodePorts` / `targetNodeDomainDetected`;
+- source: sees the address, starts QMP `migrate` (TLS unless the configuration disables it), writes
+  `startTimestamp`, follows `query-migrate` (and escalates a stalled migration, see `escalation`);
+- target: when the guest runs there (MIGRATION completed → `cont`), takes the VMI over: `nodeName`, the
+  `kubevirt.io/nodeName` label, `completed`, `endTimestamp`;
+- source: sees the VMI on another node, quits its (paused, migrated) QEMU, completes its launcher pod and
+  removes its runtime dir.
+A failure (the target QEMU dies, the network is cut, a timeout, an abort) is written by the source as
+`failed`/`failureReason`; the source guest just continues and the target tears its QEMU down.
+
+The VMI keeps its IP and MAC: the target is built from the same spec and uid (the MAC seed), and the pod
+network's guest address is the masquerade one on every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from virtplane.api import quantity
+from virtplane.client import rest
+from virtplane.hypervisor.errors import HypervisorError
+from virtplane.hypervisor.machine import Machine, RunState
+
+from . import network
+from . import status as st
+from .vmiruntime import RuntimeMeta, VMIRuntime, runtime_dir_name
+
+if TYPE_CHECKING:
+    from .controller import VMIController
+
+log = logging.getLogger(__name__)
+JSON = dict[str, Any]
+Key = tuple[str, str]
+
+TARGET_NODE_LABEL = "kubevirt.io/migrationTargetNodeName"
+POLL_SECONDS = 0.25
+TLS_ID = "migration-tls"
+PSK_USER = "virtplane"
+
+
+def migration_state(vmi: JSON) -> JSON:
+    return dict((vmi.get("status") or {}).get("migrationState") or {})
+
+
+def in_flight(ms: JSON) -> bool:
+    return bool(ms.get("migrationUid")) and not ms.get("completed") and not ms.get("failed")
+
+
+@dataclasses.dataclass(slots=True)
+class Progress:
+    """What the source watches to decide that a migration stalls (KubeVirt's progressTimeout) and escalates."""
+
+    started: float
+    last_progress: float
+    best_remaining: int = -1
+    step: int = 0  # escalation steps taken
+    downtime_ms: int = 300
+    abort_sent: bool = False
+    postcopy: bool = False
+
+
+class NodeMigrations:
+    def __init__(self, ctl: VMIController) -> None:
+        self.ctl = ctl
+        self.progress: dict[Key, Progress] = {}
+
+    @property
+    def node(self) -> str:
+        return self.ctl.node_name
+
+    async def reconcile(self, key: Key, vmi: JSON, rt: VMIRuntime | None) -> tuple[bool, float | None]:
+        """(handled, requeue): handled means the normal reconcile must not run for this pass."""
+        ms = migration_state(vmi)
+        status = vmi.get("status") or {}
+        owner = status.get("nodeName") or ""
+        if ms.get("targetNode") == self.node and owner != self.node:
+            return True, await self._target(key, vmi, ms, rt)
+        if rt is not None and rt.machine is not None and rt.machine.incoming:
+            # a target whose migration is over without us taking the guest (failed, aborted, superseded)
+            await self._drop_target(rt, "the migration ended without this node")
+            return True, None
+        if owner == self.node and rt is not None and rt.machine is not None and in_flight(ms) and \
+                ms.get("sourceNode") == self.node and rt.machine.state.alive:
+            return True, await self._source(key, vmi, ms, rt)
+        if owner not in ("", self.node) and rt is not None and rt.machine is not None and \
+                rt.machine.reason == "migrated" and rt.meta.uid == vmi["metadata"].get("uid"):
+            await self._source_done(key, vmi, rt)
+            return True, None
+        return False, None
+
+    # -- target --------------------------------------------------------------------------------------------
+    async def _target(self, key: Key, vmi: JSON, ms: JSON, rt: VMIRuntime | None) -> float | None:
+        if not in_flight(ms) or ms.get("abortRequested"):
+            if rt is not None:
+                await self._drop_target(rt, "migration failed or aborted")
+            return None
+        if rt is None:
+            return await self._prepare_target(key, vmi, ms)
+        machine = rt.machine
+        assert machine is not None
+        if not machine.state.alive:
+            reason = f"target QEMU on {self.node} exited: {machine.reason}"
+            await self._write_state(key, {"failed": True, "failureReason": reason, "endTimestamp": st.now_rfc3339()})
+            await self._drop_target(rt, reason)
+            return None
+        if not machine.incoming and machine.state == RunState.RUNNING:
+            await self._take_over(key, vmi, rt)
+            return 0.05
+        return None  # waiting for the stream (the MIGRATION events enqueue us)
+
+    async def _prepare_target(self, key: Key, vmi: JSON, ms: JSON) -> float | None:
+        ctl = self.ctl
+        meta = vmi["metadata"]
+        path = ctl.runtime_root / runtime_dir_name(*key)
+        if path.exists():
+            await asyncio.to_thread(lambda: VMIRuntime(path, RuntimeMeta("", *key)).remove_files())
+        rt = VMIRuntime(path, RuntimeMeta(uid=meta["uid"], namespace=key[0], name=key[1]))
+        rt.save()
+        try:
+            await network.prepare(vmi)
+            resolved = await ctl.resolver.resolve(vmi, rt.disks_dir)
+            kernel_boot = await ctl.resolver.resolve_kernel_boot(vmi)
+            machine = Machine.create(vmi, rt.runtime, resolved.volumes, network.attachments(vmi), ctl.probe.accel,
+                                     kernel_boot=kernel_boot)  # fmt: skip
+        except Exception as err:  # any reason the target cannot be built fails the migration, not the VMI
+            await self._write_state(key, {"failed": True, "endTimestamp": st.now_rfc3339(),
+                                          "failureReason": f"cannot prepare the target on {self.node}: {err}"})
+            await asyncio.to_thread(rt.remove_files)
+            return None
+        rt.meta.volume_extra = resolved.status_extra
+        rt.machine = machine
+        machine.add_state_listener(ctl._listener(key))
+        ctl.runtimes[key] = rt
+        try:
+            await machine.start(incoming=True)
+            network.release(meta["uid"])
+            await machine.set_migration(capabilities(ms, target=True), {})
+            tls = not (ms.get("migrationConfiguration") or {}).get("disableTLS")
+            if tls:
+                await self._tls(machine, vmi, endpoint="server")
+                await machine.monitor_command("migrate-set-parameters", {"tls-creds": TLS_ID})
+            addrs = await machine.listen_incoming(f"tcp:{ctl.node_ip}:0")
+            port = int(addrs[0]["port"])
+        except (HypervisorError, KeyError, IndexError, ValueError) as err:
+            reason = f"the target QEMU on {self.node} did not start: {err} ({machine.reason})"
+            await self._write_state(key, {"failed": True, "failureReason": reason, "endTimestamp": st.now_rfc3339()})
+            await self._drop_target(rt, reason)
+            return None
+        rt.save()
+        await self._write_state(key, {"targetNodeAddress": ctl.node_ip,
+                                      "targetDirectMigrationNodePorts": {str(port): 0},
+                                      "targetNodeDomainDetected": True})  # fmt: skip
+        log.info("migration target for %s/%s listening", *key, extra={"port": port, "tls": tls})
+        return None
+
+    async def _take_over(self, key: Key, vmi: JSON, rt: VMIRuntime) -> None:
+        now = st.now_rfc3339()
+
+        def mutate(obj: JSON) -> None:
+            labels = obj["metadata"].setdefault("labels", {})
+            labels[st.NODE_NAME_LABEL] = self.node
+            labels.pop(TARGET_NODE_LABEL, None)
+            s = obj.setdefault("status", {})
+            s["nodeName"] = self.node
+            m = s.setdefault("migrationState", {})
+            m.update({"completed": True, "endTimestamp": now, "targetNodeDomainReadyTimestamp": now})
+
+        rt.meta.started_at = now
+        rt.save()
+        written = await self.ctl._write_vmi(key, mutate)
+        rt.start_polling(self.ctl._notify(key))
+        if written is not None:
+            await self.ctl.recorder.event(written, "Normal", "Migrated",
+                                          f"The VirtualMachineInstance migrated to node {self.node}.")
+
+    async def _drop_target(self, rt: VMIRuntime, why: str) -> None:
+        log.info("dropping migration target %s/%s: %s", *rt.key, why)
+        if rt.alive and rt.machine is not None:
+            with contextlib.suppress(HypervisorError, TimeoutError):
+                await rt.machine.kill()
+        await network.teardown(rt.meta.uid)
+        await rt.close()
+        self.ctl.runtimes.pop(rt.key, None)
+        await asyncio.to_thread(rt.remove_files)
+
+    # -- source --------------------------------------------------------------------------------------------
+    async def _source(self, key: Key, vmi: JSON, ms: JSON, rt: VMIRuntime) -> float | None:
+        machine = rt.machine
+        assert machine is not None
+        prog = self.progress.get(key)
+        if not ms.get("startTimestamp"):
+            if ms.get("abortRequested"):
+                await self._write_state(key, {"failed": True, "abortStatus": "Succeeded", "endTimestamp":
+                                              st.now_rfc3339(), "failureReason": "migration aborted"})  # fmt: skip
+                return None
+            ports = list((ms.get("targetDirectMigrationNodePorts") or {}).keys())
+            if not ms.get("targetNodeAddress") or not ports:
+                return None  # the target is not ready yet
+            return await self._start_source(key, vmi, ms, machine, f"{ms['targetNodeAddress']}:{ports[0]}")
+        if prog is None:
+            # an agent restart during a migration: follow it from here
+            prog = self.progress[key] = Progress(time.monotonic(), time.monotonic())
+        try:
+            info = await machine.query_migrate()
+        except HypervisorError as err:
+            log.warning("query-migrate on %s/%s: %s", *key, err)
+            return POLL_SECONDS
+        status = str(info.get("status") or "")
+        if status in ("failed", "cancelled") or (status == "none" and machine.state == RunState.RUNNING):
+            aborted = prog.abort_sent or ms.get("abortRequested")
+            reason = "migration aborted" if aborted else (info.get("error-desc") or f"migration {status}")
+            fields: JSON = {"failed": True, "failureReason": reason, "endTimestamp": st.now_rfc3339()}
+            if aborted:
+                fields["abortStatus"] = "Succeeded"
+            await self._write_state(key, fields)
+            self.progress.pop(key, None)
+            if machine.state == RunState.PAUSED and machine.reason.startswith("migration"):
+                with contextlib.suppress(HypervisorError):
+                    await machine.resume()
+            await self.ctl.recorder.event(vmi, "Warning", "MigrationFailed", f"Migration failed: {reason}")
+            return 0.05
+        if status == "completed":
+            return POLL_SECONDS  # the target takes over; then _source_done
+        if ms.get("abortRequested") and not prog.abort_sent:
+            prog.abort_sent = True
+            with contextlib.suppress(HypervisorError):
+                await machine.migrate_cancel()
+            await self._write_state(key, {"abortStatus": "Aborting"})
+            return POLL_SECONDS
+        await self._escalate(key, vmi, ms, machine, info, prog)
+        return POLL_SECONDS
+
+    async def _start_source(self, key: Key, vmi: JSON, ms: JSON, machine: Machine, dest: str) -> float | None:
+        cfg = ms.get("migrationConfiguration") or {}
+        params: JSON = {"downtime-limit": 300}
+        bandwidth = quantity.quantity_value(str(cfg.get("bandwidthPerMigration") or "0"))
+        if bandwidth:
+            params["max-bandwidth"] = bandwidth
+        tls = not cfg.get("disableTLS")
+        try:
+            await machine.set_migration(capabilities(ms, target=False), params)
+            if tls:
+                await self._tls(machine, vmi, endpoint="client")
+                await machine.monitor_command("migrate-set-parameters", {"tls-creds": TLS_ID,
+                                                                         "tls-hostname": ms["targetNodeAddress"]})
+            await machine.migrate(f"tcp:{dest}")
+        except HypervisorError as err:
+            await self._write_state(key, {"failed": True, "failureReason": f"migrate: {err}",
+                                          "endTimestamp": st.now_rfc3339()})  # fmt: skip
+            return None
+        now = time.monotonic()
+        self.progress[key] = Progress(now, now)
+        await self._write_state(key, {"startTimestamp": st.now_rfc3339(), "mode": "PreCopy"})
+        await self.ctl.recorder.event(vmi, "Normal", "Migrating",
+                                      f"Live migration to {ms.get('targetNode')} ({dest}) started"
+                                      f"{' over TLS' if tls else ''}")  # fmt: skip
+        log.info("migrating %s/%s", *key, extra={"to": dest, "tls": tls})
+        return POLL_SECONDS
+
+    async def _escalate(self, key: Key, vmi: JSON, ms: JSON, machine: Machine, info: JSON,
+                        prog: Progress) -> None:  # fmt: skip
+        """Progress tracking; filled in by the escalation rules (see `escalation`)."""
+        ram = info.get("ram") or {}
+        remaining = int(ram.get("remaining") or 0)
+        now = time.monotonic()
+        if prog.best_remaining < 0 or remaining < prog.best_remaining * 0.9:
+            prog.best_remaining = remaining
+            prog.last_progress = now
+
+    async def _source_done(self, key: Key, vmi: JSON, rt: VMIRuntime) -> None:
+        """The guest runs on the target now: quit our paused copy, complete our launcher pod, clean up."""
+        machine = rt.machine
+        assert machine is not None
+        self.progress.pop(key, None)
+        await rt.stop_polling()
+        if machine.state.alive:
+            with contextlib.suppress(HypervisorError, TimeoutError):
+                await machine.kill()
+        pod = self.ctl._launcher_pod(vmi)
+        if pod is not None and (pod.get("spec") or {}).get("nodeName") == self.node:
+            await self.ctl._write_pod(pod, lambda old: st.launcher_pod_status(
+                old, phase="Succeeded", host_ip=self.ctl.node_ip, pod_ip=self.ctl.node_ip,
+                started_at=rt.meta.started_at, exit_code=0, reason="Completed", message=""))  # fmt: skip
+        await network.teardown(rt.meta.uid)
+        await rt.close()
+        self.ctl.runtimes.pop(rt.key, None)
+        await asyncio.to_thread(rt.remove_files)
+        log.info("migration source of %s/%s cleaned up", *key)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    async def _tls(self, machine: Machine, vmi: JSON, *, endpoint: str) -> None:
+        """TLS for the migration stream: TLS-PSK (GnuTLS, as QEMU's tls-creds-psk) with a random 256-bit key
+        per migration, which the migration controller keeps in a Secret owned by the VMIM (named in
+        migrationState.tlsSecret): both ends, and only readers of that Secret, can speak on the stream."""
+        name = tls_secret_name(str(migration_state(vmi).get("migrationUid") or ""))
+        try:
+            secret = await self.ctl.client.get(SECRETS, str(name), vmi["metadata"].get("namespace"))
+        except rest.APIError as err:
+            raise HypervisorError(f"migration TLS secret {name}: {err}") from err
+        key_hex = base64.b64decode((secret.get("data") or {}).get("psk", "")).decode()
+        psk_dir = Path(machine.runtime.path) / "migration-tls"
+        psk_dir.mkdir(mode=0o700, exist_ok=True)
+        (psk_dir / "keys.psk").write_text(f"{PSK_USER}:{key_hex}\n")
+        (psk_dir / "keys.psk").chmod(0o600)
+        with contextlib.suppress(HypervisorError):
+            await machine.monitor_command("object-del", {"id": TLS_ID})
+        obj = {"qom-type": "tls-creds-psk", "id": TLS_ID, "endpoint": endpoint, "dir": str(psk_dir)}
+        if endpoint == "client":
+            obj["username"] = PSK_USER  # the server looks the key up by the client's name
+        await machine.monitor_command("object-add", obj)
+
+    async def _write_state(self, key: Key, fields: JSON) -> None:
+        def mutate(obj: JSON) -> None:
+            obj.setdefault("status", {}).setdefault("migrationState", {}).update(fields)
+
+        await self.ctl._write_vmi(key, mutate)
+
+
+def capabilities(ms: JSON, *, target: bool) -> dict[str, bool]:
+    cfg = ms.get("migrationConfiguration") or {}
+    caps: dict[str, bool] = {}
+    if cfg.get("allowPostCopy"):
+        caps["postcopy-ram"] = True  # both ends
+    if not target and cfg.get("allowAutoConverge"):
+        caps["auto-converge"] = True
+    return caps
+
+
+SECRETS = rest.GVR("", "v1", "secrets")
+
+
+def tls_secret_name(migration_uid: str) -> str:
+    """The Secret holding a migration's TLS key (the migration controller creates it; same rule there)."""
+    return f"virtplane-migration-{migration_uid[:13]}"
+
