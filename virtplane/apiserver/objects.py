@@ -23,6 +23,7 @@ from virtplane import hypervisor
 from virtplane.api import admission, clock, patch, resources, validation
 from virtplane.api import apply as ssa
 from virtplane.apiserver import errors, registry, selectors, serviceips
+from virtplane.controllers import vmi as vmi_ctrl
 from virtplane.store import interface as store_api
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class ObjectStore:
         meta["generation"] = 1
         if res.status_subresource and res.from_crd:
             obj.pop("status", None)
+        await self._migration_rules(res, obj, None, namespace)  # first: its message names the culprit
         warnings = self._admit(res, obj, None, "CREATE", opts)
         name = meta["name"]
         if res.namespaced:
@@ -442,6 +444,8 @@ class ObjectStore:
                     f"no new finalizers can be added if the object is being deleted, found new finalizers "
                     f"{sorted(added)!r}"
                 )
+        if subresource != "status":
+            await self._migration_rules(res, new, old, old_meta.get("namespace"))
         warnings = self._admit(res, new, old, "UPDATE", opts, subresource=subresource)
         if spec_part(new) != spec_part(old) and subresource != "status":
             meta["generation"] = int(old_meta.get("generation", 1)) + 1
@@ -738,6 +742,57 @@ class ObjectStore:
             list_keys=self._merge_keys(res),
         )
 
+    async def _migration_rules(self, res: resources.Resource, obj: JSON, old: JSON | None,
+                               namespace: str | None) -> None:  # fmt: skip
+        """The seed's rules on `evictionStrategy` (checked when it is set or changed): a single-node cluster
+        has no live migration and no drain, so it refuses any eviction strategy; `LiveMigrate` is refused on
+        a VM that cannot live-migrate (RWO volume, host device, bridge binding on the pod network), naming
+        what prevents it, by the rules of the LiveMigratable condition."""
+        path = _VMI_SPEC_PATHS.get((res.group, res.kind))
+        if path is None:
+            return
+        spec, old_spec = _at(obj, path), _at(old, path) if old is not None else None
+        eviction = spec.get("evictionStrategy") if spec is not None else None
+        if not eviction or (old_spec is not None and old_spec.get("evictionStrategy") == eviction):
+            return
+        field = ".".join(path) + ".evictionStrategy"
+        name = (obj.get("metadata") or {}).get("name") or ""
+        if eviction != "None" and await self._single_node():
+            raise errors.invalid(res, res.kind, name, [resources.Cause(
+                "FieldValueNotSupported", f"this cluster has a single schedulable node: no live migration and no "
+                f"node drain, so evictionStrategy {eviction} cannot be honoured (remove it)", field)])
+        if eviction != "LiveMigrate" or spec is None:
+            return
+        meta_path = (*path[:-1], "metadata") if path[-1] == "spec" and len(path) > 1 else ("metadata",)
+        vmi_like = {"metadata": _at(obj, meta_path) or {}, "spec": spec}
+        pvcs: dict[str, JSON] = {}
+        pvc_res = self.registry.lookup("", "v1", "persistentvolumeclaims")
+        for vol in spec.get("volumes") or []:
+            claim = vmi_ctrl.claim_name(vol)
+            if claim and pvc_res is not None:
+                found = await self.try_get(pvc_res, namespace, claim)
+                if found is not None:
+                    pvcs[claim] = found
+                else:  # not created yet (a dataVolumeTemplate): judged when it exists, by the condition
+                    pvcs[claim] = {"spec": {"accessModes": ["ReadWriteMany"]}}
+        cond = vmi_ctrl.live_migratable(vmi_like, pvcs)
+        if cond.get("status") == "False":
+            devices = (spec.get("domain") or {}).get("devices") or {}
+            named = [f"{kind} {d.get('name')} ({d.get('deviceName')})" for kind in ("gpus", "hostDevices")
+                     for d in devices.get(kind) or [] if isinstance(d, dict)]
+            extra = f": {', '.join(named)}" if named and cond.get("reason") == "HostDeviceNotLiveMigratable" else ""
+            raise errors.invalid(res, res.kind, name, [resources.Cause(
+                "FieldValueInvalid", f"evictionStrategy LiveMigrate is not possible: {cond.get('reason')}: "
+                f"{cond.get('message')}{extra}", field)])
+
+    async def _single_node(self) -> bool:
+        nodes = self.registry.lookup("", "v1", "nodes")
+        if nodes is None:
+            return False
+        page = await self.list(nodes, None)
+        schedulable = [n for n in (st.obj for st in page.items) if not (n.get("spec") or {}).get("unschedulable")]
+        return len(schedulable) == 1
+
     async def _check_namespace_open(self, namespace: str) -> None:
         ns_res = self.registry.lookup(*NAMESPACES)
         assert ns_res is not None
@@ -763,6 +818,12 @@ _VMI_SPEC_PATHS = {
     ("kubevirt.io", "VirtualMachineInstanceReplicaSet"): ("spec", "template", "spec"),
     ("pool.kubevirt.io", "VirtualMachinePool"): ("spec", "virtualMachineTemplate", "spec", "template", "spec"),
 }
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        obj = obj.get(p) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) else None
 
 
 def _unsupported_by_hypervisor(res: resources.Resource, obj: JSON) -> list[resources.Cause]:

@@ -151,20 +151,20 @@ class MigrationController:
         """Not yet handed to the VMI: checks, the target pod, then the hand-over."""
         uid = vmim["metadata"]["uid"]
         vstatus = vmi.get("status") or {}
-        if vmi["metadata"].get("deletionTimestamp") or vstatus.get("phase") != "Running":
-            return await self._set_phase(vmim, "Failed", reason="the VMI is not running")
+        if len(self.nodes.list()) <= 1:
+            return await self._set_phase(vmim, "Failed", reason="live migration is not possible on a single-node "
+                                         "cluster: there is no other node to migrate to")  # fmt: skip
         cond = vmi_ctrl.get_condition(vmi, "LiveMigratable")
         if cond is not None and cond.get("status") == "False":
             return await self._set_phase(vmim, "Failed", reason=f"{cond.get('reason')}: {cond.get('message')}")
+        if vmi["metadata"].get("deletionTimestamp") or vstatus.get("phase") != "Running":
+            return await self._set_phase(vmim, "Failed", reason="the VMI is not running")
         if ms.get("migrationUid") and not (ms.get("completed") or ms.get("failed")):
             await self._set_phase(vmim, "Pending")
             return 2.0  # another migration of this VMI is in flight: wait for it (as KubeVirt queues)
         source = vstatus.get("nodeName") or ""
         schedulable = [n for n in self.nodes.list() if not (n.get("spec") or {}).get("unschedulable")
                        and ((n["metadata"].get("labels") or {}).get(vmi_ctrl.SCHEDULABLE_LABEL) == "true")]
-        if len(self.nodes.list()) <= 1:
-            return await self._set_phase(vmim, "Failed", reason="live migration is not possible on a single-node "
-                                         "cluster: there is no other node to migrate to")  # fmt: skip
         active = [m for m in self.vmims.list() if (m.get("status") or {}).get("phase") in ORDER[1:6]]
         cfg = self.config()
         if len(active) >= int(cfg["parallelMigrationsPerCluster"]) or \

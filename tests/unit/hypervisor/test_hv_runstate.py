@@ -73,9 +73,12 @@ def test_terminal_states_stay_terminal(machine: Machine) -> None:
     assert ALLOWED["kill"] == frozenset(s for s in RunState if s.alive)
 
 
-async def test_incoming_migration_reserved(machine: Machine) -> None:
-    with pytest.raises(NotImplementedError):
-        await machine.start(incoming="tcp:0:4444")
+async def test_migration_actions_need_a_live_machine(machine: Machine) -> None:
+    # (live migration itself runs end to end in tests/e2e/migration)
+    with pytest.raises(InvalidStateError):
+        await machine.migrate("tcp:127.0.0.1:4444")
+    with pytest.raises(InvalidStateError):
+        await machine.listen_incoming("tcp:127.0.0.1:0")
     assert machine.state == RunState.CREATED
 
 
