@@ -24,6 +24,7 @@ from virtplane.apiserver import (
     consoles,
     discovery,
     errors,
+    eviction,
     handlers,
     hotplug,
     kubevirt,
@@ -90,6 +91,7 @@ class APIServer:
         hotplug.register(self)
         upload.register(self)
         consoles.register(self)
+        eviction.register(self)
         web_console.register(self)
 
     # --------------------------------------------------------------- plug-ins

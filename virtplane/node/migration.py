@@ -48,6 +48,8 @@ Key = tuple[str, str]
 
 TARGET_NODE_LABEL = "kubevirt.io/migrationTargetNodeName"
 POLL_SECONDS = 0.25
+STALL_SECONDS = 3.0  # no 10 % less RAM left to send in this long: the migration is not converging
+MAX_DOWNTIME_MS = 2000  # how far escalation raises QEMU's downtime limit (its default is 300 ms)
 TLS_ID = "migration-tls"
 PSK_USER = "virtplane"
 
@@ -71,6 +73,9 @@ class Progress:
     downtime_ms: int = 300
     abort_sent: bool = False
     postcopy: bool = False
+    reported: bool = False
+    throttled: bool = False
+    last_step: float = 0.0
 
 
 class NodeMigrations:
@@ -234,6 +239,7 @@ class NodeMigrations:
             await self.ctl.recorder.event(vmi, "Warning", "MigrationFailed", f"Migration failed: {reason}")
             return 0.05
         if status == "completed":
+            await self._report(vmi, prog, info)
             return POLL_SECONDS  # the target takes over; then _source_done
         if ms.get("abortRequested") and not prog.abort_sent:
             prog.abort_sent = True
@@ -273,19 +279,72 @@ class NodeMigrations:
 
     async def _escalate(self, key: Key, vmi: JSON, ms: JSON, machine: Machine, info: JSON,
                         prog: Progress) -> None:  # fmt: skip
-        """Progress tracking; filled in by the escalation rules (see `escalation`)."""
+        """A migration that stops making progress (the RAM left to send no longer shrinks: a busy guest
+        dirties it as fast as it goes out, KubeVirt #3504) is escalated step by step, each step an event:
+        the downtime limit doubles up to MAX_DOWNTIME_MS; then, with allowAutoConverge, the vCPU throttle of
+        auto-converge is raised; then, with allowPostCopy, the migration switches to post-copy. Past
+        progressTimeout without progress, or completionTimeoutPerGiB x guest GiB in all, it is aborted."""
+        cfg = ms.get("migrationConfiguration") or {}
         ram = info.get("ram") or {}
         remaining = int(ram.get("remaining") or 0)
         now = time.monotonic()
         if prog.best_remaining < 0 or remaining < prog.best_remaining * 0.9:
             prog.best_remaining = remaining
             prog.last_progress = now
+            prog.last_step = now
+            return
+        total = int(ram.get("total") or 0)
+        limit = float(cfg.get("completionTimeoutPerGiB") or 150) * max(total / 2**30, 1 / 8)
+        stalled_for = now - prog.last_progress
+        if stalled_for > float(cfg.get("progressTimeout") or 150) or now - prog.started > limit:
+            why = "no progress" if stalled_for > float(cfg.get("progressTimeout") or 150) else "completion timeout"
+            prog.abort_sent = True
+            await self._write_state(key, {"failureReason": f"migration aborted: {why}"})
+            with contextlib.suppress(HypervisorError):
+                await machine.migrate_cancel()
+            await self.ctl.recorder.event(vmi, "Warning", "MigrationTimeout", f"Migration aborted: {why}")
+            return
+        if now - prog.last_step < STALL_SECONDS or prog.postcopy:
+            return
+        prog.last_step = now
+        prog.step += 1
+        if prog.downtime_ms < MAX_DOWNTIME_MS:
+            prog.downtime_ms = min(MAX_DOWNTIME_MS, prog.downtime_ms * 2)
+            await machine.monitor_command("migrate-set-parameters", {"downtime-limit": prog.downtime_ms})
+            await self.ctl.recorder.event(vmi, "Normal", "MigrationDowntimeRaised", (
+                f"Migration not converging ({remaining} bytes left): downtime limit raised to {prog.downtime_ms} ms"))
+        elif cfg.get("allowAutoConverge") and not prog.throttled:
+            prog.throttled = True
+            await machine.monitor_command("migrate-set-parameters", {"cpu-throttle-initial": 50,
+                                                                     "cpu-throttle-increment": 20})
+            await self.ctl.recorder.event(vmi, "Normal", "MigrationAutoConverge",
+                                          "Migration not converging: auto-converge throttles the vCPUs harder")
+        elif cfg.get("allowPostCopy"):
+            prog.postcopy = True
+            await machine.migrate_start_postcopy()
+            await self._write_state(key, {"mode": "PostCopy"})
+            await self.ctl.recorder.event(vmi, "Normal", "MigrationPostCopy",
+                                          "Migration not converging: switched to post-copy")
+
+    async def _report(self, vmi: JSON, prog: Progress, info: JSON) -> None:
+        """QEMU's own figures, once, in an event (for operators and bench/migration.py)."""
+        if prog.reported or info.get("status") != "completed":
+            return
+        prog.reported = True
+        ram = info.get("ram") or {}
+        await self.ctl.recorder.event(vmi, "Normal", "MigrationCompleted", (
+            f"QEMU migration completed: total-time {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+            f"setup {info.get('setup-time')} ms, {ram.get('transferred', 0)} bytes transferred in "
+            f"{ram.get('dirty-sync-count', 0)} passes"))
 
     async def _source_done(self, key: Key, vmi: JSON, rt: VMIRuntime) -> None:
         """The guest runs on the target now: quit our paused copy, complete our launcher pod, clean up."""
         machine = rt.machine
         assert machine is not None
-        self.progress.pop(key, None)
+        prog = self.progress.pop(key, None)
+        if prog is not None and machine.state.alive:
+            with contextlib.suppress(HypervisorError):
+                await self._report(vmi, prog, await machine.query_migrate())
         await rt.stop_polling()
         if machine.state.alive:
             with contextlib.suppress(HypervisorError, TimeoutError):
