@@ -92,9 +92,12 @@ def resource_entries(res: resources.Resource) -> list[JSON]:
     if res.group == "" and res.plural == "pods":
         for sub, verbs in (("log", ["get"]), ("exec", ["create", "get"]), ("portforward", ["create", "get"]),
                            ("eviction", ["create"]), ("attach", ["create", "get"])):
-            out.append({"name": f"pods/{sub}", "singularName": "", "namespaced": True,
-                        "kind": "Eviction" if sub == "eviction" else "PodExecOptions" if sub == "exec" else "Pod",
-                        "verbs": verbs})
+            entry = {"name": f"pods/{sub}", "singularName": "", "namespaced": True,
+                     "kind": "Eviction" if sub == "eviction" else "PodExecOptions" if sub == "exec" else "Pod",
+                     "verbs": verbs}
+            if sub == "eviction":  # kubectl drain uses the eviction API only when it names policy/v1
+                entry.update({"group": "policy", "version": "v1"})
+            out.append(entry)
     return out
 
 

@@ -269,7 +269,12 @@ class ResourceHandler:
         options: JSON = {}
         if request.can_read_body:
             raw = await request.content.read(MAX_BODY)
-            if raw.strip():
+            if raw.strip() and request.content_type == "application/vnd.kubernetes.protobuf":
+                try:  # kubectl drain deletes with a protobuf DeleteOptions when it cannot evict
+                    options = dict(protobuf.decode_k8s_protobuf(raw))
+                except protobuf.ProtobufDecodeError as exc:
+                    raise errors.bad_request(f"invalid DeleteOptions: {exc}") from exc
+            elif raw.strip():
                 try:
                     options = orjson.loads(raw)
                 except orjson.JSONDecodeError as exc:

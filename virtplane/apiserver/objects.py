@@ -759,7 +759,7 @@ class ObjectStore:
         name = (obj.get("metadata") or {}).get("name") or ""
         if eviction != "None" and await self._single_node():
             raise errors.invalid(res, res.kind, name, [resources.Cause(
-                "FieldValueNotSupported", f"this cluster has a single schedulable node: no live migration and no "
+                "FieldValueNotSupported", f"this is a single-node cluster: no live migration and no "
                 f"node drain, so evictionStrategy {eviction} cannot be honoured (remove it)", field)])
         if eviction != "LiveMigrate" or spec is None:
             return
@@ -789,9 +789,9 @@ class ObjectStore:
         nodes = self.registry.lookup("", "v1", "nodes")
         if nodes is None:
             return False
+        # the topology, not the moment: a cordoned node (a drain in progress) still counts
         page = await self.list(nodes, None)
-        schedulable = [n for n in (st.obj for st in page.items) if not (n.get("spec") or {}).get("unschedulable")]
-        return len(schedulable) == 1
+        return len(page.items) == 1
 
     async def _check_namespace_open(self, namespace: str) -> None:
         ns_res = self.registry.lookup(*NAMESPACES)

@@ -36,6 +36,9 @@ PODS = vmi_ctrl.PODS
 NODES = rest.GVR("", "v1", "nodes", namespaced=False)
 KUBEVIRTS = rest.GVR("kubevirt.io", "v1", "kubevirts")
 SECRETS = rest.GVR("", "v1", "secrets")
+POLICIES = rest.GVR("migrations.kubevirt.io", "v1alpha1", "migrationpolicies", namespaced=False)
+NAMESPACES = rest.GVR("", "v1", "namespaces", namespaced=False)
+POLICY_FIELDS = ("allowAutoConverge", "allowPostCopy", "bandwidthPerMigration", "completionTimeoutPerGiB")
 
 FINALIZER = "kubevirt.io/migrationJobFinalize"
 JOB_LABEL = "kubevirt.io/migrationJobUID"
@@ -71,19 +74,23 @@ class MigrationController:
         self.pods = informer.Informer(client, PODS, label_selector=JOB_LABEL)
         self.nodes = informer.Informer(client, NODES)
         self.kubevirts = informer.Informer(client, KUBEVIRTS)
+        self.policies = informer.Informer(client, POLICIES)
+        self.namespaces = informer.Informer(client, NAMESPACES)
         self.queue = informer.WorkQueue(self._reconcile, workers=4, name="migrations")
 
     async def start(self) -> None:
         self.vmims.add_handler(lambda _k, o, _old: self.queue.add(informer.key_of(o)))
         self.vmis.add_handler(self._on_vmi)
         self.pods.add_handler(self._on_pod)
-        for inf in (self.vmims, self.vmis, self.pods, self.nodes, self.kubevirts):
+        for inf in (self.vmims, self.vmis, self.pods, self.nodes, self.kubevirts, self.policies,
+                    self.namespaces):
             inf.start()
         self.queue.start()
 
     async def stop(self) -> None:
         await self.queue.stop()
-        for inf in (self.vmims, self.vmis, self.pods, self.nodes, self.kubevirts):
+        for inf in (self.vmims, self.vmis, self.pods, self.nodes, self.kubevirts, self.policies,
+                    self.namespaces):
             await inf.stop()
 
     def _on_vmi(self, _kind: str, vmi: JSON, _old: JSON | None) -> None:
@@ -99,12 +106,33 @@ class MigrationController:
                 self.queue.add(informer.key_of(m))
 
     # -- configuration ---------------------------------------------------------------------------------
-    def config(self) -> JSON:
-        """spec.configuration.migrations of the KubeVirt CR over KubeVirt's defaults."""
+    def config(self, vmi: JSON | None = None) -> JSON:
+        """spec.configuration.migrations of the KubeVirt CR over KubeVirt's defaults, then the MigrationPolicy
+        that selects the VMI (by its labels and its namespace's): the one matching the most labels wins."""
         cfg = dict(DEFAULT_CONFIG)
         for kv in self.kubevirts.list():
             cfg.update(((kv.get("spec") or {}).get("configuration") or {}).get("migrations") or {})
+        if vmi is not None:
+            policy = self.policy_for(vmi)
+            if policy is not None:
+                spec = policy.get("spec") or {}
+                cfg.update({k: spec[k] for k in POLICY_FIELDS if k in spec})
         return cfg
+
+    def policy_for(self, vmi: JSON) -> JSON | None:
+        vmi_labels = vmi["metadata"].get("labels") or {}
+        ns = self.namespaces.get("", vmi["metadata"].get("namespace") or "") or {}
+        ns_labels = (ns.get("metadata") or {}).get("labels") or {}
+        matches: list[tuple[int, str, JSON]] = []
+        for p in self.policies.list():
+            sel = (p.get("spec") or {}).get("selectors") or {}
+            want_ns = sel.get("namespaceSelector") or {}
+            want_vmi = sel.get("virtualMachineInstanceSelector") or {}
+            if any(ns_labels.get(k) != v for k, v in want_ns.items()) or \
+                    any(vmi_labels.get(k) != v for k, v in want_vmi.items()):
+                continue
+            matches.append((-(len(want_ns) + len(want_vmi)), p["metadata"]["name"], p))
+        return min(matches, key=lambda m: m[:2])[2] if matches else None  # most labels; then by name
 
     # -- reconcile -------------------------------------------------------------------------------------
     async def _reconcile(self, key: informer.Key) -> float | None:
@@ -166,7 +194,7 @@ class MigrationController:
         schedulable = [n for n in self.nodes.list() if not (n.get("spec") or {}).get("unschedulable")
                        and ((n["metadata"].get("labels") or {}).get(vmi_ctrl.SCHEDULABLE_LABEL) == "true")]
         active = [m for m in self.vmims.list() if (m.get("status") or {}).get("phase") in ORDER[1:6]]
-        cfg = self.config()
+        cfg = self.config(vmi)
         if len(active) >= int(cfg["parallelMigrationsPerCluster"]) or \
                 sum(1 for m in active if ((m.get("status") or {}).get("migrationState") or {})
                     .get("sourceNode") == source) >= int(cfg["parallelOutboundMigrationsPerNode"]):
@@ -196,6 +224,9 @@ class MigrationController:
                  "migrationConfiguration": {k: v for k, v in cfg.items() if k in (
                      "allowAutoConverge", "allowPostCopy", "bandwidthPerMigration", "completionTimeoutPerGiB",
                      "progressTimeout", "disableTLS")}}  # fmt: skip
+        policy = self.policy_for(vmi)
+        if policy is not None:
+            state["migrationPolicyName"] = policy["metadata"]["name"]
 
         def handover(obj: JSON) -> None:
             obj["metadata"].setdefault("labels", {})[TARGET_NODE_LABEL] = target

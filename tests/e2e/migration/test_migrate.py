@@ -34,9 +34,15 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def vm(env: Env) -> Any:
-    env.apply(vm_manifest("mig", env.image))
+    # a MigrationPolicy selecting the VMI by label: its settings override the cluster's for this migration
+    env.apply({"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+               "metadata": {"name": "converge"},
+               "spec": {"allowAutoConverge": True,
+                        "selectors": {"virtualMachineInstanceSelector": {"workload": "busy"}}}})  # fmt: skip
+    env.apply(vm_manifest("mig", env.image, labels={"workload": "busy"}))
     yield "mig"
     env.kubectl("delete", "vm", "mig", "--wait=false", check=False)
+    env.kubectl("delete", "migrationpolicy", "converge", check=False)
 
 
 def test_live_migration_keeps_the_guest_running(env: Env, vm: str) -> None:
@@ -58,6 +64,7 @@ def test_live_migration_keeps_the_guest_running(env: Env, vm: str) -> None:
     assert ms["completed"] is True and ms["sourceNode"] == source and ms["targetNode"] == target
     assert ms["startTimestamp"] and ms["endTimestamp"] and not ms.get("failed")
     assert after["status"]["migrationMethod"] == "LiveMigration"
+    assert ms["migrationPolicyName"] == "converge" and ms["migrationConfiguration"]["allowAutoConverge"] is True
     assert after["status"]["phase"] == "Running"
     # the same guest: the tick counter and uptime continue on the target, no reboot
     last_source = env.ticks(source, vm)[-1] if env.ticks(source, vm) else None
