@@ -68,6 +68,7 @@ class Progress:
 
     started: float
     last_progress: float
+    uid: str = ""  # the migration's
     best_remaining: int = -1
     step: int = 0  # escalation steps taken
     downtime_ms: int = 300
@@ -207,7 +208,10 @@ class NodeMigrations:
         machine = rt.machine
         assert machine is not None
         prog = self.progress.get(key)
-        if not ms.get("startTimestamp"):
+        if prog is not None and prog.uid != ms.get("migrationUid"):
+            prog = None  # a previous migration's
+        # started by us already, even when the cache does not show our startTimestamp yet
+        if not ms.get("startTimestamp") and prog is None:
             if ms.get("abortRequested"):
                 await self._write_state(key, {"failed": True, "abortStatus": "Succeeded", "endTimestamp":
                                               st.now_rfc3339(), "failureReason": "migration aborted"})  # fmt: skip
@@ -218,7 +222,7 @@ class NodeMigrations:
             return await self._start_source(key, vmi, ms, machine, f"{ms['targetNodeAddress']}:{ports[0]}")
         if prog is None:
             # an agent restart during a migration: follow it from here
-            prog = self.progress[key] = Progress(time.monotonic(), time.monotonic())
+            prog = self.progress[key] = Progress(time.monotonic(), time.monotonic(), str(ms.get("migrationUid")))
         try:
             info = await machine.query_migrate()
         except HypervisorError as err:
@@ -269,7 +273,7 @@ class NodeMigrations:
                                           "endTimestamp": st.now_rfc3339()})  # fmt: skip
             return None
         now = time.monotonic()
-        self.progress[key] = Progress(now, now)
+        self.progress[key] = Progress(now, now, str(ms.get("migrationUid")))
         await self._write_state(key, {"startTimestamp": st.now_rfc3339(), "mode": "PreCopy"})
         await self.ctl.recorder.event(vmi, "Normal", "Migrating",
                                       f"Live migration to {ms.get('targetNode')} ({dest}) started"
