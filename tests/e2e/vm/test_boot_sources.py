@@ -106,7 +106,7 @@ def delete(cluster: Cluster, kind: str, name: str) -> None:
 def test_kernel_boot_from_a_container_image(cluster: Cluster, images: dict[str, str]) -> None:
     apply(cluster, vmi("kboot", {"domain": {"firmware": kernel_boot(images["kernel"]), "devices": {},
                                             "resources": {"requests": {"memory": "128Mi"}}}}))
-    wait_running_and_booted(cluster, "kboot", timeout=90)
+    wait_running_and_booted(cluster, "kboot", timeout=180)
     # The initrd is the whole system: it goes on to its login prompt with no disk at all.
     wait_for(lambda: "cloud-init no datasource" in console(cluster, "kboot"), 60, what="guest userspace")
     delete(cluster, "vmi", "kboot")
