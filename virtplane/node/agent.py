@@ -30,6 +30,7 @@ from virtplane.storage import oci
 from . import network, nodeinfo
 from .controller import PODS, VMIS, VMIController
 from .migration import TARGET_NODE_LABEL
+from .pods import setup as pod_setup
 from .routes import NodeRoutes
 from .server import AgentServer, ProxyToken
 from .services import ServiceProxy
@@ -74,6 +75,7 @@ class NodeAgent:
         self.facts: nodeinfo.HostFacts | None = None
         self.fingerprint = ""
         self.controller: VMIController | None = None
+        self.pod_controller: pod_setup.PodController | None = None
         self.server: AgentServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
@@ -98,6 +100,11 @@ class NodeAgent:
             targets=targets,
         )  # fmt: skip
         self.controller = controller
+        # pods beside VMs (virtplane.node.pods): their own informer (spec.nodeName) and reconciler
+        pod_controller, pod_informer = pod_setup.build(
+            self.client, node_name=cfg.name, node_ip=cfg.address, data_dir=self.data_dir,
+            insecure_registries=cfg.insecure_registries)  # fmt: skip
+        self.pod_controller = pod_controller
         self.server = AgentServer(controller, ProxyToken(self.client), cfg.name)
         port = await self.server.start(cfg.address, cfg.port, cert.ssl_context())
         log.info("node agent API listening", extra={"address": cfg.address, "port": port})
@@ -109,13 +116,17 @@ class NodeAgent:
             self._tasks.append(asyncio.create_task(self._lease_loop(), name="lease"))
             self._tasks.append(asyncio.create_task(self._node_status_loop(), name="node-status"))
             await controller.adopt_all()
+            pod_controller.adopt_all()
             vmis.add_handler(controller.on_vmi_event)
             targets.add_handler(controller.on_vmi_event)
             pods.add_handler(controller.on_pod_event)
             vmis.start()
             targets.start()
             pods.start()
-            await asyncio.gather(vmis.synced.wait(), pods.synced.wait(), targets.synced.wait())
+            pod_informer.start()
+            await asyncio.gather(vmis.synced.wait(), pods.synced.wait(), targets.synced.wait(),
+                                 pod_informer.synced.wait())
+            pod_controller.start()
             for key in {*vmis.cache.keys(), *controller.runtimes.keys()}:
                 controller.enqueue(key)
             controller.queue.start()
@@ -138,6 +149,8 @@ class NodeAgent:
             await vmis.stop()
             await targets.stop()
             await pods.stop()
+            await pod_informer.stop()
+            await pod_controller.shutdown()  # containers keep running, like VMs
             await controller.shutdown()
             await self.server.stop()
             await self.client.close()

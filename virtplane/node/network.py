@@ -277,3 +277,8 @@ async def teardown(uid: str) -> None:
 
 def pod_ip(uid: str) -> str | None:
     return _pod_network.pod_ip(uid) if _pod_network is not None else None
+
+
+def pod_conflist() -> dict[str, Any] | None:
+    """The node's CNI chain when the CNI pod network is on (pods of the node use it too), else None."""
+    return _pod_network.conflist() if _pod_network is not None else None

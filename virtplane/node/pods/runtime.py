@@ -1,0 +1,375 @@
+"""Pod sandboxes and containers on this node: a netns from the CNI chain, overlay root filesystems, runc.
+
+A container's life is in files the agent re-reads after a restart (no in-memory state is authoritative):
+`containers/<name>/state/` holds `started` and `pid` (written by the shim and runc) and `exit.json` (written
+by the shim when runc returns). Every container gets the runc id `<pod uid>-<name>`; a restart deletes the
+old runc container and runs a new one under the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from virtplane.network import cni, netns
+
+from .images import Image
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+RUNC = "runc"
+POD_IFNAME = "eth0"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Docker's (and containerd's) default capability set.
+DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+                "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT",
+                "CAP_KILL", "CAP_AUDIT_WRITE"]  # fmt: skip
+
+
+class RuntimeError_(Exception):
+    """A sandbox or container operation failed; the message is meant for pod status / Events."""
+
+
+def netns_name(uid: str) -> str:
+    return f"vpp-{uid.replace('-', '')[:12]}"
+
+
+def ptp_conflist(pod_cidr: str, state_dir: Path) -> JSON:
+    """The pods' default chain when the node has no CNI pod network configured: `ptp` (a veth per pod, a /32
+    host route to it) + host-local IPAM. No host-global bridge, so agents of several test clusters on one
+    machine never share one; their subnets differ (derived from each node's data dir)."""
+    net = ipaddress.ip_network(pod_cidr, strict=True)
+    return {
+        "cniVersion": "1.0.0", "name": "virtplane-pods",
+        "plugins": [{"type": "ptp", "ipMasq": False, "mtu": 1500,
+                     "ipam": {"type": "host-local", "ranges": [[{"subnet": str(net)}]],
+                              "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(state_dir / "ipam")}}],
+    }  # fmt: skip
+
+
+@dataclasses.dataclass(slots=True)
+class Sandbox:
+    """One pod on this node; persisted in `sandbox.json`."""
+
+    dir: Path
+    uid: str
+    namespace: str
+    name: str
+    netns: str = ""
+    pod_ip: str = ""
+    conflist: JSON | None = None
+    cni_result: JSON | None = None
+    started_at: str = ""
+    # per container: restartCount, lastState (terminated), backoff until (epoch seconds), image id
+    containers: dict[str, JSON] = dataclasses.field(default_factory=dict)
+    init_done: bool = False
+    grace_deadline: float = 0.0  # deletion: SIGKILL after this (epoch seconds)
+    reported_events: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def save(self) -> None:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "dir"}
+        tmp = self.dir / "sandbox.json.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.dir / "sandbox.json")
+
+    @classmethod
+    def load(cls, d: Path) -> Sandbox | None:
+        try:
+            data = json.loads((d / "sandbox.json").read_text())
+        except (OSError, ValueError):
+            return None
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(dir=d, **fields)
+
+    def cdir(self, name: str) -> Path:
+        return self.dir / "containers" / name
+
+    def state_dir(self, name: str) -> Path:
+        return self.cdir(name) / "state"
+
+    def runc_id(self, name: str) -> str:
+        return f"{self.uid}-{name}"
+
+    def log_path(self, name: str, restart: int) -> Path:
+        return self.cdir(name) / "logs" / f"{restart}.log"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerState:
+    state: str  # "none" | "running" | "exited"
+    pid: int = 0
+    started_at: str = ""
+    exit_code: int = 0
+    finished_at: str = ""
+
+
+def read_state(sb: Sandbox, name: str) -> ContainerState:
+    sd = sb.state_dir(name)
+    try:
+        started = (sd / "started").read_text().strip()
+    except OSError:
+        return ContainerState("none")
+    try:
+        ex = json.loads((sd / "exit.json").read_text())
+        return ContainerState("exited", started_at=started, exit_code=int(ex.get("exitCode", 0)),
+                              finished_at=str(ex.get("finishedAt", "")))  # fmt: skip
+    except (OSError, ValueError):
+        pass
+    pid = 0
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((sd / "pid").read_text().strip())
+    shim_pid = 0
+    with contextlib.suppress(OSError, ValueError):
+        shim_pid = int((sd / "shim.pid").read_text().strip())
+    if shim_pid and not _alive(shim_pid):
+        # The shim died without writing exit.json (killed with the machine's session?): the container is gone
+        # or orphaned; report it as ended, unknown code (the kubelet says 137/Unknown too).
+        if not (pid and _alive(pid)):
+            return ContainerState("exited", started_at=started, exit_code=137, finished_at=started)
+    return ContainerState("running", pid=pid, started_at=started)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class PodRuntime:
+    """Host-side operations for pods of one node. Blocking work runs in threads."""
+
+    def __init__(self, root: Path, *, node_name: str, conflist: JSON, cni_path: Sequence[Path] = cni.DEFAULT_CNI_PATH,
+                 cgroup_prefix: str = "virtplane") -> None:  # fmt: skip
+        self.root = root
+        self.node_name = node_name
+        self.conflist = conflist
+        self.cni_path = tuple(cni_path)
+        self.cgroup_prefix = cgroup_prefix
+        self.runc_root = root / "runc"
+        self.sandboxes_dir = root / "sandboxes"
+
+    # -- sandboxes ----------------------------------------------------------------------------------------
+    def existing(self) -> list[Sandbox]:
+        if not self.sandboxes_dir.exists():
+            return []
+        out = []
+        for d in sorted(self.sandboxes_dir.iterdir()):
+            sb = Sandbox.load(d)
+            if sb is not None:
+                out.append(sb)
+        return out
+
+    async def create_sandbox(self, uid: str, namespace: str, name: str, hostname: str) -> Sandbox:
+        d = self.sandboxes_dir / uid
+        d.mkdir(parents=True, exist_ok=True)
+        sb = Sandbox(dir=d, uid=uid, namespace=namespace, name=name, netns=netns_name(uid),
+                     conflist=self.conflist)  # fmt: skip
+        sb.save()  # before anything exists: a crash mid-setup can still be undone
+        inv = cni.Invocation(container_id=uid, netns=str(netns.path(sb.netns)), ifname=POD_IFNAME)
+        try:
+            await netns.delete(sb.netns)
+            await netns.add(sb.netns)
+            await netns.run_in(sb.netns, ["ip", "link", "set", "lo", "up"])
+            result = await cni.add(self.conflist, inv, self.cni_path)
+            ip = cni.result_ipv4(result, POD_IFNAME)
+            if ip is None:
+                raise RuntimeError_(f"the CNI chain gave {POD_IFNAME} no IPv4 address")
+        except (cni.CNIError, netns.NetnsError, OSError) as err:
+            await self.remove_sandbox(sb)
+            raise RuntimeError_(f"failed to set up the pod network: {err}") from None
+        sb.pod_ip, sb.cni_result = ip, result
+        etc = d / "etc"
+        etc.mkdir(exist_ok=True)
+        (etc / "hostname").write_text(hostname + "\n")
+        (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                                   f"{ip}\t{hostname}\n")  # fmt: skip
+        await asyncio.to_thread(shutil.copyfile, "/etc/resolv.conf", etc / "resolv.conf")
+        sb.save()
+        return sb
+
+    async def remove_sandbox(self, sb: Sandbox) -> None:
+        """Everything of the pod: containers (killed), mounts, CNI DEL (frees the IP), netns, files."""
+        for name in list(sb.containers) or []:
+            await self.remove_container(sb, name, kill=True)
+        cdirs = sb.dir / "containers"
+        for c in cdirs.iterdir() if cdirs.is_dir() else ():
+            await self.remove_container(sb, c.name, kill=True)
+        if sb.conflist:
+            inv = cni.Invocation(container_id=sb.uid, netns=str(netns.path(sb.netns)) if netns.exists(sb.netns)
+                                 else "", ifname=POD_IFNAME)  # fmt: skip
+            for e in await cni.delete(sb.conflist, inv, self.cni_path, sb.cni_result, quiet=True):
+                log.warning("CNI DEL of pod %s/%s: %s", sb.namespace, sb.name, e)
+        await netns.delete(sb.netns)
+        vols = sb.dir / "volumes"
+        await asyncio.to_thread(_umount_tree, vols)
+        await asyncio.to_thread(shutil.rmtree, sb.dir, True)
+
+    # -- containers ---------------------------------------------------------------------------------------
+    async def start_container(self, sb: Sandbox, name: str, image: Image, process: JSON, mounts: list[JSON],
+                              resources: JSON, restart: int) -> None:  # fmt: skip
+        """Fresh rootfs on the image, bundle, then the shim (its own session) runs `runc run`."""
+        await self.remove_container(sb, name, kill=True, keep_logs=True)
+        cd = sb.cdir(name)
+        for sub in ("rootfs", "upper", "work", "state", "logs"):
+            (cd / sub).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_mount_overlay, image.layers, cd)
+        spec = oci_spec(process=process, mounts=[*self._sandbox_mounts(sb), *mounts], netns=str(netns.path(sb.netns)),
+                        hostname=sb.name, cgroups_path=f"/{self.cgroup_prefix}-{sb.runc_id(name)}",
+                        resources=resources)  # fmt: skip
+        (cd / "config.json").write_text(json.dumps(spec))
+        log_path = sb.log_path(name, restart)
+        shim = str(Path(__file__).with_name("shim.py"))  # run as a script: no package imports, quick start
+        argv = [sys.executable, "-I", shim, shutil.which(RUNC) or RUNC, str(self.runc_root), str(cd), sb.runc_id(name),
+                str(log_path), str(cd / "state")]  # fmt: skip
+        self.runc_root.mkdir(parents=True, exist_ok=True)
+        # Written before the shim exists: from now on this run counts as started (a reconcile racing the shim's
+        # start-up must not start the container a second time), and its start time identifies the run.
+        (cd / "state" / "started").write_text(_now_nano())
+        proc = await asyncio.to_thread(_spawn, argv, cd / "shim.log")
+        (cd / "state" / "shim.pid").write_text(str(proc.pid))
+        # Reap the shim when it ends while we are its parent (after an agent restart init reaps it).
+        asyncio.get_running_loop().run_in_executor(None, proc.wait)
+
+    @staticmethod
+    def _sandbox_mounts(sb: Sandbox) -> list[JSON]:
+        etc = sb.dir / "etc"
+        return [{"destination": f"/etc/{f}", "type": "bind", "source": str(etc / f), "options": ["rbind", "rw"]}
+                for f in ("hosts", "hostname", "resolv.conf")]
+
+    async def signal(self, sb: Sandbox, name: str, sig: signal.Signals) -> None:
+        await _run([RUNC, "--root", str(self.runc_root), "kill", "--all", sb.runc_id(name), sig.name[3:]],
+                   check=False)  # fmt: skip
+
+    async def remove_container(self, sb: Sandbox, name: str, *, kill: bool, keep_logs: bool = False) -> None:
+        cd = sb.cdir(name)
+        if not cd.exists():
+            return
+        if kill:
+            await _run([RUNC, "--root", str(self.runc_root), "delete", "--force", sb.runc_id(name)], check=False)
+        await asyncio.to_thread(_umount, cd / "rootfs")
+        for sub in ("rootfs", "upper", "work", "state"):
+            await asyncio.to_thread(shutil.rmtree, cd / sub, True)
+        (cd / "config.json").unlink(missing_ok=True)
+        if not keep_logs:
+            await asyncio.to_thread(shutil.rmtree, cd, True)
+
+    async def exec_argv(self, sb: Sandbox, name: str, command: Sequence[str], *, tty: bool,
+                        console_socket: str | None = None) -> list[str]:  # fmt: skip
+        argv = [RUNC, "--root", str(self.runc_root), "exec"]
+        if tty:
+            argv += ["--tty", "--console-socket", str(console_socket)]
+        return [*argv, sb.runc_id(name), *command]
+
+
+def oci_spec(*, process: JSON, mounts: list[JSON], netns: str, hostname: str, cgroups_path: str,
+             resources: JSON) -> JSON:  # fmt: skip
+    caps = list(DEFAULT_CAPS)
+    proc = {"terminal": False, "user": {"uid": 0, "gid": 0}, "cwd": "/", "env": [],
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "noNewPrivileges": False,  # no rlimits: the node's own apply (a container may not raise them)
+            **process}  # fmt: skip
+    base_mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755",
+                                                                             "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+    ]  # fmt: skip
+    return {
+        "ociVersion": "1.0.2",
+        "process": proc,
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": hostname,
+        "mounts": [*base_mounts, *mounts],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                           {"type": "network", "path": netns}],
+            "cgroupsPath": cgroups_path,
+            "resources": {"devices": [{"allow": False, "access": "rwm"}], **resources},
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                            "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }  # fmt: skip
+
+
+def cgroup_resources(limits: Mapping[str, int]) -> JSON:
+    """linux.resources from container limits (bytes, millicores)."""
+    out: JSON = {}
+    if limits.get("memory"):
+        out["memory"] = {"limit": int(limits["memory"])}
+    if limits.get("cpu"):
+        period = 100000
+        out["cpu"] = {"quota": max(1000, int(limits["cpu"]) * period // 1000), "period": period}
+    return out
+
+
+def _mount_overlay(layers: Sequence[Path], cd: Path) -> None:
+    lower = ":".join(str(p) for p in reversed(layers))
+    opts = f"lowerdir={lower},upperdir={cd / 'upper'},workdir={cd / 'work'}"
+    if len(layers) == 0:
+        raise RuntimeError_("image has no layers")
+    res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(cd / "rootfs")],
+                         capture_output=True, text=True)  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError_(f"cannot mount the container's root filesystem: {res.stderr.strip()}")
+
+
+def _now_nano() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _umount(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _umount_tree(root: Path) -> None:
+    if not root.exists():
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _umount(d)
+
+
+def _spawn(argv: Sequence[str], log_file: Path) -> subprocess.Popen[bytes]:
+    with open(log_file, "ab") as err:
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+
+
+async def _run(argv: Sequence[str], *, check: bool = True) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise RuntimeError_(f"{' '.join(argv[:4])}: {err.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")

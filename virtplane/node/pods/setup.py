@@ -1,0 +1,38 @@
+"""Wiring of the pod runtime into the node agent (kept here so node/agent.py only calls `build`)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from virtplane.client import informer, rest
+from virtplane.client.events import EventRecorder
+
+from .. import network
+from .controller import PODS, PodController
+from .images import ImageStore
+from .runtime import PodRuntime, ptp_conflist
+
+
+def default_pod_cidr(data_dir: Path) -> str:
+    """A /24 in 10.88.0.0/16 chosen by the node's data dir: agents of different clusters on one machine get
+    different subnets (and routes), so their pods never share an address."""
+    h = hashlib.sha256(str(data_dir).encode()).digest()
+    return f"10.88.{h[0]}.0/24"
+
+
+def build(client: rest.Client, *, node_name: str, node_ip: str, data_dir: Path,
+          insecure_registries: tuple[str, ...]) -> tuple[PodController, informer.Informer]:  # fmt: skip
+    root = data_dir / "pods"
+    root.mkdir(parents=True, exist_ok=True)
+    # A node with the CNI pod network (`--pod-network cni`) puts pods on the same chain as VMs; otherwise pods
+    # get their own ptp chain (a netns and a host-routed IP each) so they are reachable from the node anyway.
+    conflist = network.pod_conflist() or ptp_conflist(default_pod_cidr(data_dir), root / "cni")
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
+    runtime = PodRuntime(root, node_name=node_name, conflist=conflist, cgroup_prefix=f"vp{digest}")
+    images = ImageStore(root, insecure_registries=insecure_registries)
+    pods = informer.Informer(client, PODS, field_selector=f"spec.nodeName={node_name}")
+    controller = PodController(client=client, node_name=node_name, node_ip=node_ip, runtime=runtime, images=images,
+                               recorder=EventRecorder(client, "kubelet", host=node_name), pods=pods)  # fmt: skip
+    pods.add_handler(controller.on_pod_event)
+    return controller, pods
