@@ -30,6 +30,7 @@ from virtplane.apiserver import (
     kubevirt,
     metrics,
     objects,
+    podproxy,
     registry,
     serviceips,
     upload,
@@ -93,6 +94,7 @@ class APIServer:
         consoles.register(self)
         eviction.register(self)
         web_console.register(self)
+        podproxy.register(self)
 
     # --------------------------------------------------------------- plug-ins
 

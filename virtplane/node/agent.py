@@ -31,6 +31,7 @@ from . import network, nodeinfo
 from .controller import PODS, VMIS, VMIController
 from .migration import TARGET_NODE_LABEL
 from .pods import setup as pod_setup
+from .pods.streams import add_pod_routes
 from .routes import NodeRoutes
 from .server import AgentServer, ProxyToken
 from .services import ServiceProxy
@@ -105,7 +106,8 @@ class NodeAgent:
             self.client, node_name=cfg.name, node_ip=cfg.address, data_dir=self.data_dir,
             insecure_registries=cfg.insecure_registries)  # fmt: skip
         self.pod_controller = pod_controller
-        self.server = AgentServer(controller, ProxyToken(self.client), cfg.name)
+        self.server = AgentServer(controller, ProxyToken(self.client), cfg.name,
+                                  route_hooks=[lambda app, auth: add_pod_routes(app, pod_controller, auth)])
         port = await self.server.start(cfg.address, cfg.port, cert.ssl_context())
         log.info("node agent API listening", extra={"address": cfg.address, "port": port})
         pod_net = network.pod_network()

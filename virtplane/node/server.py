@@ -18,7 +18,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -96,8 +96,14 @@ class ProxyToken:
         return self._token is not None and hmac.compare_digest(self._token, presented)
 
 
+# Adds routes to the agent's app; gets the agent's bearer-token check to call first in each handler.
+RouteHook = Callable[[web.Application, Callable[[web.Request], Awaitable[None]]], None]
+
+
 class AgentServer:
-    def __init__(self, controller: VMIController, token: ProxyToken, node_name: str) -> None:
+    def __init__(self, controller: VMIController, token: ProxyToken, node_name: str,
+                 route_hooks: Sequence[RouteHook] = ()) -> None:  # fmt: skip
+        self.route_hooks = tuple(route_hooks)  # more endpoints (pods/log, pods/exec), same token check
         self.controller = controller
         self.token = token
         self.node_name = node_name
@@ -115,6 +121,8 @@ class AgentServer:
         app.router.add_route("GET", base, self._get)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        for hook in self.route_hooks:
+            hook(app, self._authorize)
         return app
 
     async def start(self, host: str, port: int, ssl_context: Any) -> int:

@@ -279,11 +279,8 @@ class PodRuntime:
         if not keep_logs:
             await asyncio.to_thread(shutil.rmtree, cd, True)
 
-    async def exec_argv(self, sb: Sandbox, name: str, command: Sequence[str], *, tty: bool,
-                        console_socket: str | None = None) -> list[str]:  # fmt: skip
-        argv = [RUNC, "--root", str(self.runc_root), "exec"]
-        if tty:
-            argv += ["--tty", "--console-socket", str(console_socket)]
+    async def exec_argv(self, sb: Sandbox, name: str, command: Sequence[str], *, tty: bool) -> list[str]:
+        argv = [RUNC, "--root", str(self.runc_root), "exec", *(["--tty"] if tty else [])]
         return [*argv, sb.runc_id(name), *command]
 
 
