@@ -20,6 +20,7 @@ from virtplane.controllers import (
     virtualmachine,
     vmclone,
     vmi,
+    workloads,
 )
 from virtplane.storage import provisioner
 
@@ -46,6 +47,8 @@ class ControllerManager:
             pvc.PVCController(self.client, root),
             datavolume.DataVolumeController(self.client, root),
             vmclone.VMCloneController(self.client),
+            workloads.ReplicaSetController(self.client),  # apps/v1: pods beside VMs
+            workloads.DeploymentController(self.client),
         ]
 
     async def start(self) -> None:

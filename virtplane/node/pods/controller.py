@@ -223,7 +223,7 @@ class PodController:
                     else:
                         await self._backoff_event(pod, c["name"], rec)
                     break
-                if st.state == "running":
+                if st.state in ("running", "starting"):
                     break
                 await self._start(pod, sb, c, volumes, config_error, lookup, restart=False)
                 break
@@ -235,7 +235,7 @@ class PodController:
                 name = c["name"]
                 st = read_state(sb, name)
                 rec = sb.containers.setdefault(name, {})
-                if st.state == "running":
+                if st.state in ("running", "starting"):
                     continue
                 if st.state == "none":
                     await self._start(pod, sb, c, volumes, config_error, lookup, restart=False)
@@ -350,7 +350,7 @@ class PodController:
     async def _terminate(self, key: Key, sb: Sandbox, pod: JSON | None) -> float | None:
         now = time.time()
         names = [n for n in sb.containers if n != "__pod__"]
-        running = [n for n in names if read_state(sb, n).state == "running"]
+        running = [n for n in names if read_state(sb, n).state in ("running", "starting")]
         last = pod or self.last_seen.get(key)
         if running and not sb.grace_deadline:
             grace = sb.containers.get("__pod__", {}).get("grace", DEFAULT_GRACE)
@@ -386,7 +386,7 @@ class PodController:
             pass
         if st.state != "none":
             out["containerID"] = f"runc://{sb.runc_id(name)}"
-        if rec.get("waiting") and st.state != "running":
+        if rec.get("waiting") and st.state not in ("running", "starting"):
             out["state"] = {"waiting": rec["waiting"]}
             if rec.get("lastTerminated"):
                 out["lastState"] = {"terminated": rec["lastTerminated"]}
@@ -407,7 +407,7 @@ class PodController:
                 out["lastState"] = {"terminated": term}
             else:
                 out["state"] = {"terminated": term}
-        else:
+        else:  # none yet, or starting (runc has not reported the pid)
             out["state"] = {"waiting": {"reason": "PodInitializing" if not sb.init_done and not init
                                         else "ContainerCreating"}}  # fmt: skip
         return out
@@ -428,7 +428,7 @@ class PodController:
             phase = "Failed"
         elif sb.init_done and states and all(x.state == "exited" for x in states) and not will_restart:
             phase = "Failed" if any(x.exit_code != 0 for x in states) else "Succeeded"
-        elif sb.init_done and any(x.state != "none" for x in states):
+        elif sb.init_done and any(x.state in ("running", "exited") for x in states):
             phase = "Running"
         else:
             phase = "Pending"

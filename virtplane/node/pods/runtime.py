@@ -114,7 +114,7 @@ class Sandbox:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ContainerState:
-    state: str  # "none" | "running" | "exited"
+    state: str  # "none" | "starting" | "running" | "exited"
     pid: int = 0
     started_at: str = ""
     exit_code: int = 0
@@ -144,6 +144,9 @@ def read_state(sb: Sandbox, name: str) -> ContainerState:
         # or orphaned; report it as ended, unknown code (the kubelet says 137/Unknown too).
         if not (pid and _alive(pid)):
             return ContainerState("exited", started_at=started, exit_code=137, finished_at=started)
+    if not pid:
+        # Shim launched, runc has not written the pid yet: started (never start it twice) but not running.
+        return ContainerState("starting", started_at=started)
     return ContainerState("running", pid=pid, started_at=started)
 
 

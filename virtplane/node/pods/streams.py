@@ -168,8 +168,8 @@ class PodStreams:
                 # The run this file belongs to is over (exited, or the container was restarted into a new
                 # file, or the pod is gone): the stream ends, as `kubectl logs -f` does at container exit.
                 current = self.controller.sandbox_for(sb.namespace, sb.name)
-                if current is None or current.uid != sb.uid or read_state(sb, container).state != "running" \
-                        or self._newest(sb, container) != path:  # fmt: skip
+                live = read_state(sb, container).state in ("running", "starting")
+                if current is None or current.uid != sb.uid or not live or self._newest(sb, container) != path:
                     rest = f.read()
                     for raw in (pending + rest).splitlines(keepends=True):
                         item = parse(raw)
