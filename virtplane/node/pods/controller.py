@@ -28,6 +28,7 @@ from typing import Any
 from virtplane.client import informer, rest
 from virtplane.client.events import EventRecorder
 
+from . import probes
 from . import spec as podspec
 from .images import ImageNotPresent, ImagePullError, ImageStore, default_pull_policy
 from .runtime import ContainerState, PodRuntime, RuntimeError_, Sandbox, read_state
@@ -71,6 +72,7 @@ class PodController:
         self.sandboxes: dict[Key, Sandbox] = {}
         self.last_seen: dict[Key, JSON] = {}
         self.queue = informer.WorkQueue(self.reconcile, workers=8, name="node-pods")
+        self.probe_states: dict[tuple[str, str, str], probes.ProbeState] = {}  # (pod uid, container, kind)
 
     def on_pod_event(self, _kind: str, obj: JSON, _old: JSON | None) -> None:
         if not is_launcher(obj):
@@ -247,8 +249,55 @@ class PodController:
                     await self._start(pod, sb, c, volumes, config_error, lookup, restart=True)
                 else:
                     await self._backoff_event(pod, name, rec)
+        if sb.init_done and not pod_failed:
+            await self._probe(pod, sb, conts)
         await self._write_status(pod, lambda old: self._status(old, pod, sb, pod_failed))
         return POLL_SECONDS
+
+    async def _probe(self, pod: JSON, sb: Sandbox, conts: list[JSON]) -> None:
+        """Liveness and readiness probes of running containers, each on its own period."""
+        for c in conts:
+            st = read_state(sb, c["name"])
+            if st.state != "running":
+                continue
+            started = _epoch(st.started_at)
+            for kind in ("liveness", "readiness"):
+                probe = c.get(f"{kind}Probe")
+                if not probe:
+                    continue
+                key = (sb.uid, c["name"], kind)
+                ps = self.probe_states.get(key)
+                if ps is None or ps.run != st.started_at:
+                    ps = self.probe_states[key] = probes.ProbeState(run=st.started_at, ok=kind == "liveness")
+                if not probes.due(probe, ps, started, time.time()):
+                    continue
+                ok, message = await probes.run_probe(probe, c, sb.pod_ip, self._exec_fn(sb, c["name"]))
+                probes.record(probe, ps, ok, message)
+                obj = self._obj(pod)
+                if not ok:
+                    await self.recorder.event(obj, "Warning", "Unhealthy",
+                                              f"{kind.capitalize()} probe failed: {message}")
+                if kind == "liveness" and ps.failures >= int(probe.get("failureThreshold") or 3):
+                    await self.recorder.event(obj, "Normal", "Killing",
+                                              f"Container {c['name']} failed liveness probe, will be restarted")
+                    await self.runtime.signal(sb, c["name"], signal.SIGKILL)
+                    ps.failures = 0
+
+    def _exec_fn(self, sb: Sandbox, name: str) -> probes.ExecFn:
+        async def run(command: list[str], seconds: float) -> tuple[int, bytes]:
+            argv = await self.runtime.exec_argv(sb, name, command, tty=False)
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)  # fmt: skip
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), seconds)
+            except TimeoutError:
+                proc.kill()  # runc exec, our child (the probe command may outlive it, as under the kubelet)
+                await proc.wait()
+                raise
+            return proc.returncode or 0, out
+
+        return run
 
     def _record_exit(self, sb: Sandbox, name: str, st: ContainerState) -> None:
         """Count an exit once (by its start time) and arm the back-off for the next start."""
@@ -368,6 +417,8 @@ class PodController:
             await self.runtime.signal(sb, n, signal.SIGKILL)
         await self.runtime.remove_sandbox(sb)
         self.sandboxes.pop(key, None)
+        for k in [k for k in self.probe_states if k[0] == sb.uid]:
+            del self.probe_states[k]
         if pod is not None and pod["metadata"].get("uid") == sb.uid:
             return None
         if pod is not None:
@@ -392,7 +443,9 @@ class PodController:
                 out["lastState"] = {"terminated": rec["lastTerminated"]}
         elif st.state == "running":
             out["state"] = {"running": {"startedAt": rfc3339(st.started_at)}}
-            out["ready"] = not init
+            ps = self.probe_states.get((sb.uid, name, "readiness"))
+            gated = bool(c.get("readinessProbe")) and not (ps is not None and ps.run == st.started_at and ps.ok)
+            out["ready"] = not init and not gated
             out["started"] = True
             if rec.get("restartCount", 0) > 0 and rec.get("lastTerminated"):
                 out["lastState"] = {"terminated": rec["lastTerminated"]}
@@ -540,6 +593,12 @@ def _strip(s: JSON) -> JSON:
         c.pop("lastTransitionTime", None)
         c.pop("lastProbeTime", None)
     return s
+
+
+def _epoch(ts: str) -> float:
+    with contextlib.suppress(ValueError):
+        return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    return time.time()
 
 
 def _seconds_between(a: str, b: str) -> float:
