@@ -40,6 +40,8 @@ Key = tuple[str, str]
 PODS = rest.GVR("", "v1", "pods")
 CONFIGMAPS = rest.GVR("", "v1", "configmaps")
 SECRETS = rest.GVR("", "v1", "secrets")
+PVCS = rest.GVR("", "v1", "persistentvolumeclaims")
+PVS = rest.GVR("", "v1", "persistentvolumes", namespaced=False)
 POLL_SECONDS = 1.0
 BACKOFF_START, BACKOFF_MAX = 10.0, 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-off over (kubelet: 10 min)
@@ -181,6 +183,19 @@ class PodController:
                 if vf.get("secretKeyRef"):
                     wanted.add(("secrets", vf["secretKeyRef"].get("name", "")))
         lookup, cache = self._lookup_factory(ns)
+        for vol in spec.get("volumes") or []:
+            claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+            if not claim:
+                continue
+            try:
+                pvc = await self.client.get(PVCS, claim, ns)
+            except rest.NotFound:
+                pvc = None
+            cache[("persistentvolumeclaims", claim)] = pvc
+            pv_name = ((pvc or {}).get("spec") or {}).get("volumeName")
+            if pv_name:
+                with contextlib.suppress(rest.NotFound):
+                    cache[("persistentvolumes", pv_name)] = await self.client.get(PVS, pv_name)
         for kind, name in wanted:
             gvr = CONFIGMAPS if kind == "configmaps" else SECRETS
             try:

@@ -217,6 +217,9 @@ def prepare_volumes(pod: JSON, root: Path, lookup: Lookup, host_ip: str, pod_ip:
                     c = next((c for c in pod["spec"].get("containers") or [] if c.get("name") == cname), {})
                     files[it["path"]] = resource_field(c, it["resourceFieldRef"]).encode()
             _write_files(d, files, int(src.get("defaultMode", 0o644)))
+        elif "persistentVolumeClaim" in vol:
+            out[name] = _claim_path(vol["persistentVolumeClaim"].get("claimName", ""), lookup)
+            continue
         elif "hostPath" in vol:
             hp = Path(vol["hostPath"].get("path", "/"))
             if vol["hostPath"].get("type") in ("DirectoryOrCreate",):
@@ -228,6 +231,24 @@ def prepare_volumes(pod: JSON, root: Path, lookup: Lookup, host_ip: str, pod_ip:
             raise ContainerConfigError(f"volume {name}: {kind} volumes are not supported on this node")
         out[name] = d
     return out
+
+
+def _claim_path(claim: str, lookup: Lookup) -> Path:
+    """The host directory behind a bound Filesystem claim (the storage provisioner's local/hostPath PVs)."""
+    pvc = lookup("persistentvolumeclaims", claim)
+    if pvc is None:
+        raise ContainerConfigError(f'persistentvolumeclaim "{claim}" not found')
+    pv_name = (pvc.get("spec") or {}).get("volumeName")
+    if not pv_name or (pvc.get("status") or {}).get("phase") != "Bound":
+        raise ContainerConfigError(f'persistentvolumeclaim "{claim}" is not bound yet')
+    pv = lookup("persistentvolumes", pv_name)
+    spec = (pv or {}).get("spec") or {}
+    if spec.get("volumeMode") == "Block":
+        raise ContainerConfigError(f'persistentvolumeclaim "{claim}": Block volumes are not supported for pods')
+    path = (spec.get("local") or {}).get("path") or (spec.get("hostPath") or {}).get("path")
+    if not path or not Path(path).is_dir():
+        raise ContainerConfigError(f'persistentvolume "{pv_name}" has no directory on this node')
+    return Path(path)
 
 
 def mounts(container: JSON, volumes: Mapping[str, Path]) -> list[JSON]:
