@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from .conftest import PodEnv
 
 
@@ -35,6 +38,13 @@ spec:
                         timeout=90, what="writer finished")  # fmt: skip
     assert done["status"]["phase"] == "Succeeded", done["status"]
     assert done["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+    # a finished pod gives its network back at once (its logs stay until it is deleted)
+    netns = Path("/var/run/netns") / f"vpp-{done['metadata']['uid'].replace('-', '')[:12]}"
+    deadline = time.monotonic() + 30
+    while netns.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not netns.exists()
+    assert env.kubectl("logs", "writer").stdout == ""
     env.kubectl("delete", "pod", "writer", "--wait=true")
     env.apply(pod("reader", "cat /data/file"))
     env.wait_pod("reader", lambda p: (p.get("status") or {}).get("phase") == "Succeeded", timeout=90,

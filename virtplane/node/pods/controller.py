@@ -267,6 +267,18 @@ class PodController:
         if sb.init_done and not pod_failed:
             await self._probe(pod, sb, conts)
         await self._write_status(pod, lambda old: self._status(old, pod, sb, pod_failed))
+        if self._status(None, pod, sb, pod_failed)["phase"] in ("Succeeded", "Failed"):
+            # Finished for good: nothing runs or restarts any more. Its IP goes back to the pool (as the kubelet
+            # stops the sandbox); logs and status stay until the pod is deleted. No more polling.
+            pod_rec = sb.containers.setdefault("__pod__", {})
+            if not pod_rec.get("networkReleased"):
+                for c in [*inits, *conts]:
+                    if read_state(sb, c["name"]).state in ("running", "starting"):
+                        await self.runtime.signal(sb, c["name"], signal.SIGKILL)  # a still running init, on failure
+                await self.runtime.release_network(sb)
+                pod_rec["networkReleased"] = True
+                sb.save()
+            return None
         return POLL_SECONDS
 
     async def _probe(self, pod: JSON, sb: Sandbox, conts: list[JSON]) -> None:

@@ -223,15 +223,19 @@ class PodRuntime:
         cdirs = sb.dir / "containers"
         for c in cdirs.iterdir() if cdirs.is_dir() else ():
             await self.remove_container(sb, c.name, kill=True)
+        await self.release_network(sb)
+        vols = sb.dir / "volumes"
+        await asyncio.to_thread(_umount_tree, vols)
+        await asyncio.to_thread(shutil.rmtree, sb.dir, True)
+
+    async def release_network(self, sb: Sandbox) -> None:
+        """CNI DEL (frees the pod IP) and the netns; idempotent (a finished pod needs no network)."""
         if sb.conflist:
             inv = cni.Invocation(container_id=sb.uid, netns=str(netns.path(sb.netns)) if netns.exists(sb.netns)
                                  else "", ifname=POD_IFNAME)  # fmt: skip
             for e in await cni.delete(sb.conflist, inv, self.cni_path, sb.cni_result, quiet=True):
                 log.warning("CNI DEL of pod %s/%s: %s", sb.namespace, sb.name, e)
         await netns.delete(sb.netns)
-        vols = sb.dir / "volumes"
-        await asyncio.to_thread(_umount_tree, vols)
-        await asyncio.to_thread(shutil.rmtree, sb.dir, True)
 
     # -- containers ---------------------------------------------------------------------------------------
     async def start_container(self, sb: Sandbox, name: str, image: Image, process: JSON, mounts: list[JSON],
