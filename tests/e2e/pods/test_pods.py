@@ -171,16 +171,14 @@ def test_agent_restart_keeps_containers_and_delete_frees_everything(env: PodEnv)
     pid = _container_pid(env, uid, "httpd")
     agent_pid_file = env.node_dir / "agent.pid"
     old_agent = int(agent_pid_file.read_text())
+    readies = env.agent_log().count("node agent ready")
     os.kill(old_agent, signal.SIGKILL)  # a crash, not a clean stop; `virtplane up` starts a new agent
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if int(agent_pid_file.read_text()) != old_agent and "node agent ready" in env.agent_log().split(
-                    f"pid\": {old_agent}")[-1]:  # fmt: skip
-                break
-        except (OSError, ValueError):
-            pass
+    while env.agent_log().count("node agent ready") == readies:  # the new agent adopted what it found
+        assert time.monotonic() < deadline, env.agent_log()[-2000:]
         time.sleep(0.3)
+    assert int(agent_pid_file.read_text()) != old_agent
+    assert "adopted pod default/web" in env.agent_log()
     # same process, still serving, no restart counted
     assert _container_pid(env, uid, "httpd") == pid
     os.kill(pid, 0)
