@@ -64,7 +64,8 @@ spec:
     command: ["sh", "-c"]
     args:
     - env > /www/env.txt; cat /cfg/greeting /sec/password /info/labels > /www/files.txt;
-      wget -q -O /www/via-localhost.txt http://127.0.0.1:8080/init.txt; echo side up; exec sleep 3600
+      until wget -q -O /www/localhost.tmp http://127.0.0.1:8080/init.txt; do sleep 0.2; done;
+      mv /www/localhost.tmp /www/via-localhost.txt; echo side up; exec sleep 3600
     env:
     - name: POD_NAME
       valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
