@@ -141,45 +141,42 @@ def mmm(xs: list[float]) -> str:
     return f"min {min(xs):.3f} median {statistics.median(xs):.3f} max {max(xs):.3f}"
 
 
-async def measure(runs: int) -> None:
-    short = Path(tempfile.mkdtemp(prefix="vpb-", dir="/tmp"))
-    cluster = Cluster(short / "c", nodes=2, extra_args=("--log-level", "warning"))
-    try:
-        cluster.start()
-        net = cluster.node_network()
-        with guest.registry_with_containerdisk(short / "registry", host=net["gateway"]) as (_reg, image):
-            async with rest.Client(rest.ClientConfig.from_kubeconfig(cluster.kubeconfig)) as client:
-                await client.create(VMIS, vmi("bench", image), NS)
-                v = await wait(client, VMIS, "bench", lambda o: (o.get("status") or {}).get("phase") == "Running",
-                               interval=0.2)  # fmt: skip
-                node = v["status"]["nodeName"]
-                rdir = cluster.data_dir / "nodes" / node / "runtime" / f"{NS}_bench"
-                await wait_line_in_file(rdir / "guest.log", b"virtplane-guest: tick 3 ", 300)
-                template = BareTemplate.capture(rdir, short / "template")
-                psk = secrets.token_hex(32)
-                plat, raw_tls, raw_plain = [], [], []
-                nodes = sorted(n["metadata"]["name"] for n in (await client.list(
-                    rest.GVR("", "v1", "nodes", namespaced=False)))["items"])
-                addr = {n["metadata"]["name"]: n["status"]["addresses"][0]["address"] for n in (await client.list(
-                    rest.GVR("", "v1", "nodes", namespaced=False)))["items"]}
-                ns_of = {n: f"virtplane-{net['tag']}-node-{n.rsplit('-', 1)[1]}" for n in nodes}
-                for i in range(runs):
-                    plat.append(await platform_run(client, i))
-                    print(f"platform run {i}: {plat[-1][0]:.3f} s (QEMU total {plat[-1][1]} ms, downtime "
-                          f"{plat[-1][2]} ms)", flush=True)
-                    for tls, out in ((True, raw_tls), (False, raw_plain)):
-                        out.append(await raw_run(template, short / f"raw{i}{tls}", ns_of[nodes[0]], ns_of[nodes[1]],
-                                                 addr[nodes[1]], psk if tls else None))  # fmt: skip
-                        print(f"raw ({'TLS-PSK' if tls else 'plain'}) run {i}: {out[-1][0]:.3f} s (QEMU total "
-                              f"{out[-1][1]} ms, downtime {out[-1][2]} ms)", flush=True)
-    finally:
-        cluster.stop()
-        shutil.rmtree(short, ignore_errors=True)
+async def measure(cluster: Cluster, image: str, runs: int, short: Path) -> tuple[list[Any], list[Any], list[Any]]:
+    net = cluster.node_network()
+    plat: list[Any] = []
+    raw_tls: list[Any] = []
+    raw_plain: list[Any] = []
+    async with rest.Client(rest.ClientConfig.from_kubeconfig(cluster.kubeconfig)) as client:
+        await client.create(VMIS, vmi("bench", image), NS)
+        v = await wait(client, VMIS, "bench", lambda o: (o.get("status") or {}).get("phase") == "Running",
+                       interval=0.2)  # fmt: skip
+        rdir = cluster.data_dir / "nodes" / v["status"]["nodeName"] / "runtime" / f"{NS}_bench"
+        await wait_line_in_file(rdir / "guest.log", b"virtplane-guest: tick 3 ", 300)
+        template = BareTemplate.capture(rdir, short / "template")
+        psk = secrets.token_hex(32)
+        items = (await client.list(rest.GVR("", "v1", "nodes", namespaced=False)))["items"]
+        nodes = sorted(n["metadata"]["name"] for n in items)
+        addr = {n["metadata"]["name"]: n["status"]["addresses"][0]["address"] for n in items}
+        ns_of = {n: f"virtplane-{net['tag']}-node-{n.rsplit('-', 1)[1]}" for n in nodes}
+        for i in range(runs):
+            plat.append(await platform_run(client, i))
+            print(f"platform run {i}: {plat[-1][0]:.3f} s (QEMU total {plat[-1][1]} ms, downtime {plat[-1][2]} ms)",
+                  flush=True)
+            for tls, out in ((True, raw_tls), (False, raw_plain)):
+                out.append(await raw_run(template, short / f"raw{i}{tls}", ns_of[nodes[0]], ns_of[nodes[1]],
+                                         addr[nodes[1]], psk if tls else None))  # fmt: skip
+                print(f"raw ({'TLS-PSK' if tls else 'plain'}) run {i}: {out[-1][0]:.3f} s (QEMU total "
+                      f"{out[-1][1]} ms, downtime {out[-1][2]} ms)", flush=True)
+    return plat, raw_tls, raw_plain
+
+
+def report(plat: list[Any], raw_tls: list[Any], raw_plain: list[Any]) -> None:
     print(f"\nplatform VMIM created → Succeeded (s): {mmm([p[0] for p in plat])}")
     print(f"platform QEMU total-time (ms):         {mmm([p[1] for p in plat])}")
     print(f"platform QEMU downtime (ms):           {mmm([p[2] for p in plat])}")
     for label, xs in (("raw TLS-PSK", raw_tls), ("raw plain TCP", raw_plain)):
         print(f"{label} migrate → completed (s):  {mmm([x[0] for x in xs])}")
+        print(f"{label} QEMU total-time (ms):     {mmm([x[1] for x in xs])}")
         print(f"{label} QEMU downtime (ms):       {mmm([x[2] for x in xs])}")
     gap = statistics.median([p[0] for p in plat]) - statistics.median([x[0] for x in raw_tls])
     print(f"\nend to end minus raw (TLS, medians): {gap:+.3f} s (target ≤ +1 s)")
@@ -190,7 +187,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
-    asyncio.run(measure(args.runs))
+    short = Path(tempfile.mkdtemp(prefix="vpb-", dir="/tmp"))  # short: unix socket paths in runtime dirs
+    cluster = Cluster(short / "c", nodes=2, extra_args=("--log-level", "warning"))
+    try:
+        cluster.start()
+        with guest.registry_with_containerdisk(short / "registry", host=cluster.node_network()["gateway"]) as (
+                _reg, image):
+            results = asyncio.run(measure(cluster, image, args.runs, short))
+    finally:
+        cluster.stop()
+        shutil.rmtree(short, ignore_errors=True)
+    report(*results)
 
 
 if __name__ == "__main__":

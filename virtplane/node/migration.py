@@ -298,7 +298,8 @@ class NodeMigrations:
             prog.last_step = now
             return
         total = int(ram.get("total") or 0)
-        limit = float(cfg.get("completionTimeoutPerGiB") or 150) * max(total / 2**30, 1 / 8)
+        # at least one GiB's worth: a small guest under a loaded TCG host still needs its seconds
+        limit = float(cfg.get("completionTimeoutPerGiB") or 150) * max(total / 2**30, 1.0)
         stalled_for = now - prog.last_progress
         if stalled_for > float(cfg.get("progressTimeout") or 150) or now - prog.started > limit:
             why = "no progress" if stalled_for > float(cfg.get("progressTimeout") or 150) else "completion timeout"
