@@ -110,6 +110,7 @@ class PodNetwork:
         self.pod_cidr = pod_cidr
         self.cni_path = tuple(cni_path)
         self._ips: dict[str, str] = {}
+        self._sec_ips: dict[str, dict[str, str]] = {}
 
     def conflist(self) -> dict[str, Any]:
         """The node's chain. A config file is re-read for every pod, as a kubelet re-reads /etc/cni/net.d:
@@ -233,6 +234,7 @@ class PodNetwork:
         dnsmasq on that bridge (the bridge itself only has a link-local address, as KubeVirt's has).
         Returns (tap fd, the guest's address or None when the NAD has no IPAM). The caller tears the whole
         VMI network down on failure (teardown() also undoes what got this far)."""
+        self._sec_ips.pop(uid, None)
         state = json.loads(self._state_file(uid).read_text())
         ns = state["netns"]
         entry: dict[str, Any] = {"ifname": ifname, "conflist": conflist}
@@ -276,9 +278,25 @@ class PodNetwork:
         fd = await asyncio.to_thread(netns.open_tap, ns, tap)
         return fd, str(ipaddress.ip_interface(cidr).ip) if cidr else None
 
+    def secondary_ips(self, uid: str) -> dict[str, str]:
+        """Pod ifname (net1, ...) → the address its guest NIC gets by DHCP (cached: asked on status writes)."""
+        if uid not in self._sec_ips:
+            try:
+                state = json.loads(self._state_file(uid).read_text())
+            except (OSError, ValueError):
+                return {}
+            out = {}
+            for sec in state.get("secondaries") or []:
+                cidr = result_ipv4_cidr(sec.get("result") or {}, sec.get("ifname", ""))
+                if cidr:
+                    out[sec["ifname"]] = cidr.split("/")[0]
+            self._sec_ips[uid] = out
+        return self._sec_ips[uid]
+
     async def detach_secondary(self, uid: str, ifname: str) -> list[str]:
         """Undo attach_secondary for one interface (its NIC unplugged): dnsmasq stopped, tap and bridge removed,
         CNI DEL (releases the NAD address). Idempotent; returns the errors."""
+        self._sec_ips.pop(uid, None)
         try:
             state = json.loads(self._state_file(uid).read_text())
         except (OSError, ValueError):
@@ -304,6 +322,7 @@ class PodNetwork:
     async def teardown(self, uid: str) -> list[str]:
         """Stop dnsmasq, CNI DEL (releases the IP), remove the netns. Idempotent; returns the errors."""
         self._ips.pop(uid, None)
+        self._sec_ips.pop(uid, None)
         f = self._state_file(uid)
         try:
             state = json.loads(f.read_text())

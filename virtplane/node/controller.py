@@ -395,6 +395,7 @@ class VMIController:
         # pod-network hook: as in KubeVirt, a masquerade interface reports the pod IP when there is one
         pod_ip = network.pod_ip(rt.meta.uid)
         s["interfaces"] = st.interfaces_status(obj, rt.agent.interfaces if rt.agent.connected else None,
+                                               binding_ips=network.binding_ips(rt.meta.uid, rt.meta.nics),
                                                **({"masquerade_ip": pod_ip} if pod_ip else {}))  # fmt: skip
         osinfo = st.guest_os_info(rt.agent.osinfo) if rt.agent.connected else {}
         if osinfo:

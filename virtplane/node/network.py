@@ -275,6 +275,14 @@ async def teardown(uid: str) -> None:
         await _pod_network.teardown(uid)
 
 
+def binding_ips(uid: str, nics: Mapping[str, str]) -> dict[str, str]:
+    """Interface name → the address its bridge binding hands the guest (multus NICs with a NAD IPAM)."""
+    if _pod_network is None or not nics:
+        return {}
+    by_ifname = _pod_network.secondary_ips(uid)
+    return {name: by_ifname[ifname] for name, ifname in nics.items() if ifname in by_ifname}
+
+
 def pod_ip(uid: str) -> str | None:
     return _pod_network.pod_ip(uid) if _pod_network is not None else None
 

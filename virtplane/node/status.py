@@ -198,6 +198,7 @@ def interfaces_status(
     guest: Sequence[GuestInterface] | None,
     *,
     masquerade_ip: str = MASQUERADE_GUEST_IP,
+    binding_ips: Mapping[str, str] | None = None,
 ) -> list[JSON]:
     """status.interfaces: name, mac, IPs, guest interface name, infoSource.
 
@@ -213,6 +214,8 @@ def interfaces_status(
         ips: list[str] = []
         if "masquerade" in spec_iface:
             ips = [masquerade_ip]
+        elif binding_ips and name in binding_ips:
+            ips = [binding_ips[name]]  # a bridge binding's DHCP hands the guest this (a NAD's IPAM address)
         g = by_mac.get(mac)
         if g is not None:
             entry["infoSource"] = "domain, guest-agent"

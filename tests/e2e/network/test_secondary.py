@@ -95,6 +95,14 @@ async def test_two_vms_on_a_bridge_nad(env: dict[str, Any], admin: rest.Client, 
         addrs[name] = m.group(1)
     assert {a.rsplit(".", 1)[0] for a in addrs.values()} == {"192.168.177"}, addrs  # DHCP: the NAD's IPAM
     assert len(set(addrs.values())) == 2
+
+    async def reported(name: str) -> str | None:  # status.interfaces: the NAD address for the bridge NIC
+        vmi = await admin.get(VMIS, name, NS)
+        sec = next((i for i in (vmi.get("status") or {}).get("interfaces") or [] if i["name"] == "sec"), {})
+        return sec.get("ipAddress")
+
+    for name in ("seca", "secb"):
+        assert await wait_until(lambda n=name: reported(n), 30, f"{name} sec ip") == addrs[name].split("/")[0]
     for name in ("seca", "secb"):
         m = await wait_file(runtime / f"{NS}_{name}" / "console.log", r"E2E-PEER (\S+)", 200)
         other = next(a for n, a in addrs.items() if n != name)
