@@ -72,6 +72,9 @@ class CPUControl:
             control._set_weight(top, host_shares)
             control.scope_dir.mkdir(exist_ok=True)
             control._set_weight(control.scope_dir, host_shares)
+            for child in control.scope_dir.iterdir():  # VMs that ended while no agent was running
+                if child.is_dir():
+                    release(child)
             if control.version == 2:
                 _enable_cpu(control.scope_dir)
         except OSError as err:

@@ -18,6 +18,8 @@ from typing import IO
 
 import yaml
 
+from virtplane.hypervisor import cgroups
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -177,6 +179,7 @@ class Cluster:
         line still names the runtime dir, so a recycled pid is never hit. Returns how many were killed.
         """
         killed = 0
+        groups: list[Path] = []
         for pid_file in self.data_dir.glob("nodes/*/runtime/*/pid"):
             try:
                 pid = int(pid_file.read_text().strip())
@@ -184,7 +187,19 @@ class Cluster:
             except (OSError, ValueError):
                 continue
             if str(pid_file.parent) in cmdline:
+                group = cgroups.cgroup_of(pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
+                if group is not None:
+                    groups.append(group)
+        # The agents are gone, so nobody else removes the VMs' CPU cgroups (and then their node scopes).
+        deadline = time.monotonic() + 5
+        for group in groups:
+            while group.exists() and time.monotonic() < deadline:
+                cgroups.release(group)
+                if group.exists():
+                    time.sleep(0.05)  # the killed QEMU leaves its cgroup as it exits
+            cgroups.release(group.parent)
+            cgroups.release(group.parent.parent)
         return killed
