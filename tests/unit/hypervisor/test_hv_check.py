@@ -119,3 +119,13 @@ def test_error_wraps_path(vmi, runtime, volumes, nets) -> None:
         build_command(vmi, runtime, volumes, nets, "tcg")
     assert err.value.field_path == "spec.domain.devices.disks[0].lun"
     assert "LUN" in err.value.message
+
+
+def test_memoized_check_still_sees_a_malformed_firmware_uuid(vmi: dict[str, Any]) -> None:
+    """check_supported is memoized with valid firmware UUIDs folded together; a bad one is still reported."""
+    spec = vmi["spec"]
+    for uid in ("6a1a24a1-4061-4607-8bf4-a3963d0c5895", "5d307ca9-b3ef-428c-8861-06e72d69f223"):
+        spec["domain"]["firmware"] = {"uuid": uid}
+        assert check_supported(spec) == []
+    spec["domain"]["firmware"] = {"uuid": "not-a-uuid"}
+    assert dict(check_supported(spec)) == {"spec.domain.firmware.uuid": "not a UUID: 'not-a-uuid'"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,10 +158,30 @@ def check_supported(vmi_spec: Mapping[str, Any], prefix: str = "spec") -> list[t
     """
     if isinstance(vmi_spec, dict):
         try:
-            return list(_supported_issues(prefix, orjson.dumps(vmi_spec, option=orjson.OPT_SORT_KEYS)))
+            key = orjson.dumps(_without_valid_uuid(vmi_spec), option=orjson.OPT_SORT_KEYS)
+            return list(_supported_issues(prefix, key))
         except TypeError:  # not plain JSON data: check it as it is
             pass
     return [i.as_tuple() for i in check_issues(vmi_spec, prefix)]
+
+
+_ANY_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def _without_valid_uuid(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as the memo sees it: admission defaults firmware.uuid per VM (from its name), and a valid one
+    changes no finding (firmware.check only rejects a malformed one), so all valid UUIDs share an entry."""
+    domain = spec.get("domain")
+    firmware = domain.get("firmware") if isinstance(domain, dict) else None
+    uid = firmware.get("uuid") if isinstance(firmware, dict) else None
+    if not isinstance(uid, str) or uid == _ANY_UUID:
+        return spec
+    try:
+        uuid.UUID(uid)
+    except ValueError:
+        return spec
+    assert isinstance(domain, dict) and isinstance(firmware, dict)
+    return {**spec, "domain": {**domain, "firmware": {**firmware, "uuid": _ANY_UUID}}}
 
 
 @functools.lru_cache(maxsize=256)
