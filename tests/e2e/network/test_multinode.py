@@ -100,7 +100,11 @@ def test_vm_to_vm_across_nodes(cluster: tuple[Cluster, str]) -> None:
     def running(name: str) -> dict[str, Any] | None:
         vmi = kget(c, "vmi", name) or {}
         phase = (vmi.get("status") or {}).get("phase")
-        assert phase not in ("Failed", "Succeeded"), vmi.get("status")
+        if phase in ("Failed", "Succeeded"):  # say why in full: the status and the node agent's last words
+            node = (vmi.get("status") or {}).get("nodeName") or ""
+            log = c.data_dir / "nodes" / node / "agent.log"
+            tail = log.read_text(errors="replace")[-4000:] if node and log.exists() else "(no agent log)"
+            raise AssertionError(f"{name} {phase}: {json.dumps(vmi.get('status'), indent=1)}\nagent log:\n{tail}")
         return vmi if phase == "Running" else None
 
     srv = wait_for(lambda: running("server"), 300, "server Running")
