@@ -18,6 +18,7 @@ import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import cgroups
 from .errors import LaunchError
 
 
@@ -96,8 +97,7 @@ def nice_for_cpu_request(cores: float | None) -> int:
     """
     if cores is None or cores >= 1:
         return 0
-    shares = max(2.0, cores * 1024)
-    return min(19, round(math.log(1024 / shares, 1.25)))
+    return min(19, round(math.log(1024 / cgroups.shares_for(cores), 1.25)))
 
 
 def set_niceness(pid: int, nice: int) -> None:
