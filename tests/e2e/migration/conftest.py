@@ -15,8 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import yaml
 
 from virtplane.testing import guest
 from virtplane.testing.cluster import Cluster
+from virtplane.testing.waiting import wait_for
 
 NODES = 3
 TICK = re.compile(r"virtplane-guest: tick (\d+) ([0-9.]+)")
@@ -83,17 +83,6 @@ class Env:
             return int((self.runtime_dir(node, name) / "pid").read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate} (last: {last!r})")
 
 
 def vm_manifest(name: str, image: str, *, memory: str = "128Mi", eviction: str | None = None,

@@ -18,8 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import pytest
 
 from virtplane.testing import guest
 from virtplane.testing.cluster import Cluster
+from virtplane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 SUB = "/apis/subresources.kubevirt.io/v1/namespaces/default"
@@ -61,17 +61,6 @@ def cluster() -> Iterator[Cluster]:
 def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with guest.registry_with_containerdisk(tmp_path_factory.mktemp("registry")) as (_, ref):
         yield ref
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate} (last: {last!r})")
 
 
 def get(c: Cluster, kind: str, name: str) -> dict[str, Any] | None:

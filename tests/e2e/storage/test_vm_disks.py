@@ -13,10 +13,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 
 from virtplane.testing import guest
 from virtplane.testing.cluster import Cluster, free_port
+from virtplane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 SUB = "/apis/subresources.kubevirt.io/v1/namespaces/default"
@@ -97,17 +97,6 @@ def _reachable(url: str) -> bool:
         return True
     except (urllib.error.URLError, OSError):
         return False
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate} (last: {last!r})")
 
 
 def get(c: Cluster, kind: str, name: str) -> dict[str, Any] | None:
