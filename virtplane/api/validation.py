@@ -8,9 +8,9 @@ dozen microseconds. Messages and field paths follow kube-apiserver's CRD validat
 
 (`Cause.field` = "spec.running", `Cause.message` = everything after the first ": ").
 
-Order of use in the API server, as in Kubernetes: `unknown_fields` (for fieldValidation) -> `prune`
-(drops unknown fields, and nulls of non-nullable fields as Kubernetes does before defaulting) ->
-`validate`.
+Order of use in the API server, as in Kubernetes: `prune` (drops unknown fields, and nulls of
+non-nullable fields as Kubernetes does before defaulting; returns the unknown fields' paths for
+fieldValidation, in the same walk) -> `validate`. `unknown_fields` reports without pruning.
 """
 
 from __future__ import annotations
@@ -317,6 +317,8 @@ class _Node:
     # ---- unknown fields / pruning
 
     def walk_unknown(self, v: Any, path: str, out: list[str], prune: bool, *, is_root: bool = False) -> None:
+        # Only containers can hold unknown fields: scalars are skipped without a call or a path string
+        # (most of an object's keys), which is what keeps this walk cheap on the create path.
         if isinstance(v, dict):
             if self.preserve and not self.properties:
                 return
@@ -324,32 +326,34 @@ class _Node:
             props = self.properties
             drop: list[str] = []
             for key, val in v.items():
-                p = f"{path}.{key}" if path else key
-                if meta_like and key == "metadata":
-                    _walk_metadata(val, p, out, drop_nulls=prune)
-                    continue
-                if meta_like and key in ("apiVersion", "kind"):
-                    continue
+                if meta_like:
+                    if key == "metadata":
+                        _walk_metadata(val, f"{path}.{key}" if path else key, out, drop_nulls=prune)
+                        continue
+                    if key in ("apiVersion", "kind"):
+                        continue
                 node = props.get(key)
                 if node is None:
                     node = self.additional
                     if node is None:
                         if not (self.preserve or self.additional_ok):
-                            out.append(p)
+                            out.append(f"{path}.{key}" if path else key)
                             drop.append(key)
                         continue
                 if val is None:
                     if prune and not node.nullable:
                         drop.append(key)  # Kubernetes drops nulls of non-nullable fields, silently
                     continue
-                node.walk_unknown(val, p, out, prune)
+                if isinstance(val, (dict, list)):
+                    node.walk_unknown(val, f"{path}.{key}" if path else key, out, prune)
             if prune:
                 for key in drop:
                     del v[key]
         elif isinstance(v, list) and self.items is not None:
             items = self.items
             for i, x in enumerate(v):
-                items.walk_unknown(x, f"{path}[{i}]", out, prune)
+                if isinstance(x, (dict, list)):
+                    items.walk_unknown(x, f"{path}[{i}]", out, prune)
 
 
 def _walk_metadata(meta: Any, path: str, out: list[str], *, drop_nulls: bool) -> None:

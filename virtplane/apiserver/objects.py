@@ -701,7 +701,9 @@ class ObjectStore:
         warnings: list[str] = []
         validator = self.registry.validator(res)
         if validator is not None:
-            unknown = validator.unknown_fields(obj)
+            # One walk finds the unknown fields and prunes them: Strict refuses the whole write below,
+            # so pruning first changes nothing a client can see.
+            unknown = validator.prune(obj)
             if unknown:
                 if opts.field_validation == "Strict":
                     raise errors.bad_request(
@@ -711,7 +713,6 @@ class ObjectStore:
                     )
                 if opts.field_validation != "Ignore":
                     warnings.extend(f'unknown field "{p}"' for p in unknown)
-                validator.prune(obj)
         if subresource != "status":
             admission.mutate(res, obj, old, operation)
         causes: list[resources.Cause] = []
