@@ -11,6 +11,7 @@ interrupted. Set VIRTCTL_DEBUG=1 to see a traceback for an unexpected failure.
     virtctl ssh|scp ...                      virtctl port-forward TARGET PORT...
     virtctl expose vm|vmi|vmirs NAME ...     virtctl guestosinfo|userlist|fslist VMI
     virtctl create vm ...                    virtctl version
+    virtctl image-upload dv|pvc NAME ...     virtctl import-vm [NAME] --ova FILE|URL
 """
 
 from __future__ import annotations
@@ -946,28 +947,35 @@ async def _upload_token(client: rest.Client, ns: str, name: str) -> str:
 
 
 async def _send(args: argparse.Namespace, ctx: Context, path: Path, token: str) -> None:
-    base = (args.uploadproxy_url or ctx.config.server).rstrip("/")
-    ssl_ctx: Any = False if args.insecure else ctx.config.ssl_context()
     size = (await asyncio.to_thread(path.stat)).st_size
     progress = Progress(size)
+    await post_upload(args, ctx, token, _file_chunks(path, progress), size, progress, str(path),
+                      _retry_hint(args, ctx))
+
+
+async def post_upload(args: argparse.Namespace, ctx: Context, token: str, body: Any, size: int, progress: Progress,
+                      what: str, retry_hint: str) -> None:
+    """POST `size` bytes from the async iterator `body` to the upload proxy (`--uploadproxy-url`, `--insecure`)."""
+    base = (args.uploadproxy_url or ctx.config.server).rstrip("/")
+    ssl_ctx: Any = False if args.insecure else ctx.config.ssl_context()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream",
                "Content-Length": str(size), "User-Agent": f"virtctl/{virtplane.__version__}"}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=15)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_ctx)) as session, \
-                session.post(base + UPLOAD_SYNC, data=_file_chunks(path, progress), headers=headers) as resp:
+                session.post(base + UPLOAD_SYNC, data=body, headers=headers) as resp:
             text = (await resp.text()).strip()
             status = resp.status
     except (aiohttp.ClientError, OSError) as exc:
         progress.close()
-        raise CLIError(f"upload of {path} interrupted after {progress.done} of {size} bytes: {exc}; "
-                       f"{_retry_hint(args, ctx)}") from exc
+        raise CLIError(f"upload of {what} interrupted after {progress.done} of {size} bytes: {exc}; "
+                       f"{retry_hint}") from exc
     progress.close()
     if status == 200:
         return
     if status == 401:
         raise CLIError(f"the upload proxy refused the upload token: {text}")
-    raise CLIError(f"upload failed (HTTP {status}): {text or 'no reason given'}; {_retry_hint(args, ctx)}")
+    raise CLIError(f"upload failed (HTTP {status}): {text or 'no reason given'}; {retry_hint}")
 
 
 def _retry_hint(args: argparse.Namespace, ctx: Context) -> str:
@@ -1644,6 +1652,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "--insecure", dest="insecure", help="do not verify the upload proxy's TLS certificate")
     _bool_flag(p, "--no-create", dest="no_create", help="the volume must exist already")
     _bool_flag(p, "--force-bind", dest="force_bind", help="bind a WaitForFirstConsumer volume right away")
+    from virtplane.cli import import_vm  # here: import_vm imports this module
+    import_vm.add_parser(verb)
     p = verb("addvolume", "hot-plug a DataVolume or PVC into a running VMI (--persist: into the VM too)",
              cmd_addvolume)
     p.add_argument("name", metavar="VMI")
@@ -1700,6 +1710,9 @@ def main(argv: list[str] | None = None) -> int:
             _finish_create_args(args)
         if args.verb == "image-upload":
             _check_upload_args(args)  # bad usage is reported before any kubeconfig is read
+        if args.verb == "import-vm":
+            from virtplane.cli import import_vm
+            import_vm.check_args(args)
         return asyncio.run(_run(args))
     except CLIError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
