@@ -22,7 +22,7 @@ import orjson
 from virtplane import hypervisor
 from virtplane.api import admission, clock, patch, resources, validation
 from virtplane.api import apply as ssa
-from virtplane.apiserver import errors, registry, selectors, serviceips
+from virtplane.apiserver import errors, podgrace, registry, selectors, serviceips
 from virtplane.controllers import vmi as vmi_ctrl
 from virtplane.store import interface as store_api
 
@@ -523,6 +523,16 @@ class ObjectStore:
                     "FieldValueNotSupported",
                     f'Unsupported value: "{policy}": supported values: "Foreground", "Background", "Orphan"',
                     "propagationPolicy")])
+            if res.group == "" and res.plural == "pods" and (
+                    pending := await podgrace.pending_deletion(self, obj, options)) is not None:  # fmt: skip
+                if pending is obj or opts.dry_run:
+                    return pending, False
+                try:
+                    nkv = await self.store.update(key, encode(pending), expected_revision=kv.mod_revision)
+                except store_api.ConflictError:
+                    continue
+                pending["metadata"]["resourceVersion"] = str(nkv.mod_revision)
+                return pending, False  # its node stops it, then deletes it with gracePeriodSeconds=0
             finalizers = list(meta.get("finalizers") or [])
             if policy == "Foreground" and "foregroundDeletion" not in finalizers:
                 finalizers.append("foregroundDeletion")

@@ -7,9 +7,11 @@ container's files (shim/runc state), decides starts, restarts (restartPolicy, Cr
 `status` when it changed. Running pods are re-read every second: that is how exits are noticed, and it works
 the same for containers started by a previous agent (adoption is just loading `sandbox.json`).
 
-Deletion: this API server deletes pods at once (no graceful pod deletion yet), so the agent sees the object go
-away, sends SIGTERM to every container, waits up to terminationGracePeriodSeconds (remembered from the last
-spec seen), sends SIGKILL, then removes everything (rootfs mounts, CNI DEL frees the IP, netns, files).
+Deletion is graceful, as with the kubelet: the API server marks the pod (deletionTimestamp,
+deletionGracePeriodSeconds); the agent sends SIGTERM to every container, waits up to that grace period (a later,
+shorter one counts), sends SIGKILL, removes everything (rootfs mounts, CNI DEL frees the IP, netns, files) and
+then deletes the pod with gracePeriodSeconds=0, which removes it. A pod removed at once (`--force`) is stopped
+the same way, with the grace period of the last spec seen.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class PodController:
                 if fresh is not None and fresh["metadata"].get("uid") == sb.uid and \
                         (fresh.get("spec") or {}).get("nodeName") == self.node_name:  # fmt: skip
                     pod = fresh
+                    if fresh["metadata"].get("deletionTimestamp"):
+                        return await self._terminate(key, sb, fresh)
                 else:
                     return await self._terminate(key, sb, pod)
             else:
@@ -125,6 +129,8 @@ class PodController:
             return None
         if (pod.get("spec") or {}).get("nodeName") != self.node_name:
             return None
+        if pod["metadata"].get("deletionTimestamp") and sb is None:
+            return await self._finish_deletion(pod)  # nothing (left) running here
         phase = (pod.get("status") or {}).get("phase")
         if sb is None:
             if phase in ("Succeeded", "Failed"):
@@ -428,16 +434,26 @@ class PodController:
         names = [n for n in sb.containers if n != "__pod__"]
         running = [n for n in names if read_state(sb, n).state in ("running", "starting")]
         last = pod or self.last_seen.get(key)
+        deleting = pod is not None and pod["metadata"].get("uid") == sb.uid
         if running and not sb.grace_deadline:
             grace = sb.containers.get("__pod__", {}).get("grace", DEFAULT_GRACE)
-            if pod is not None and pod["metadata"].get("deletionGracePeriodSeconds") is not None:
+            if deleting and pod["metadata"].get("deletionGracePeriodSeconds") is not None:
                 grace = int(pod["metadata"]["deletionGracePeriodSeconds"])
             sb.grace_deadline = now + grace
+            sb.containers.setdefault("__pod__", {})["deletionGrace"] = grace
             sb.save()
             for n in running:
                 if last is not None:
                     await self.recorder.event(self._obj(last), "Normal", "Killing", f"Stopping container {n}")
                 await self.runtime.signal(sb, n, signal.SIGTERM)
+        elif running and deleting and pod["metadata"].get("deletionGracePeriodSeconds") is not None:
+            # a second DELETE may shorten the grace period (never lengthen it): it counts from now
+            shorter = int(pod["metadata"]["deletionGracePeriodSeconds"])
+            rec = sb.containers.setdefault("__pod__", {})
+            if shorter < rec.get("deletionGrace", DEFAULT_GRACE):
+                rec["deletionGrace"] = shorter
+                sb.grace_deadline = min(sb.grace_deadline, now + shorter)
+                sb.save()
         if running and now < sb.grace_deadline:
             return 0.5
         for n in running:
@@ -446,11 +462,25 @@ class PodController:
         self.sandboxes.pop(key, None)
         for k in [k for k in self.probe_states if k[0] == sb.uid]:
             del self.probe_states[k]
-        if pod is not None and pod["metadata"].get("uid") == sb.uid:
-            return None
+        log.info("pod %s/%s removed from the node", *key, extra={"uid": sb.uid})
+        if deleting:
+            return await self._finish_deletion(pod)
         if pod is not None:
             self.queue.add(key)  # a new pod of the same name: start it now that the old one is gone
-        log.info("pod %s/%s removed from the node", *key, extra={"uid": sb.uid})
+        return None
+
+    async def _finish_deletion(self, pod: JSON) -> float | None:
+        """Its containers are gone: remove the pod object (gracePeriodSeconds=0, for this uid only)."""
+        meta = pod["metadata"]
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
+                "preconditions": {"uid": meta["uid"]}}
+        try:
+            await self.client.request("DELETE", PODS.path(meta.get("namespace"), meta["name"]), body=body)
+        except (rest.NotFound, rest.Conflict):
+            return None  # gone already, or a new pod of that name
+        except rest.APIError as err:
+            log.warning("cannot delete terminated pod %s/%s: %s", meta.get("namespace"), meta["name"], err)
+            return 5.0
         return None
 
     # -- status -------------------------------------------------------------------------------------------
