@@ -1,8 +1,9 @@
-"""`pods/log` and `pods/exec`: proxied to the node agent running the pod, as kube-apiserver proxies them to
-the kubelet. Same endpoint discovery, certificate pinning and proxy token as the VMI subresources
-(kubevirt.node_target); exec is a websocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) whose frames are
-copied both ways unchanged (consoles._splice). Errors (no such pod, not scheduled, the node's refusal) come
-back as a Status before any upgrade, so kubectl prints them.
+"""`pods/log`, `pods/exec` and `pods/portforward`: proxied to the node agent running the pod, as kube-apiserver
+proxies them to the kubelet. Same endpoint discovery, certificate pinning and proxy token as the VMI
+subresources (kubevirt.node_target); exec (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and port-forward (SPDY/3.1
+tunnelled in a websocket, `SPDY/3.1+portforward.k8s.io`) are websockets whose frames are copied both ways
+unchanged (consoles._splice). Errors (no such pod, not scheduled, the node's refusal) come back as a Status
+before any upgrade, so kubectl prints them.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ if TYPE_CHECKING:
 
 JSON = dict[str, Any]
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+PORTFORWARD_PROTOCOLS = ("SPDY/3.1+portforward.k8s.io",)  # kubectl >= 1.31 tunnels SPDY through a websocket
 
 
 def register(server: APIServer) -> None:
     server.register_subresource("", "pods", "log", _log)
     server.register_subresource("", "pods", "exec", _exec)
+    server.register_subresource("", "pods", "portforward", _portforward)
 
 
 def _authorize(req: handlers.SubresourceRequest, verb: str, sub: str) -> None:
@@ -59,16 +62,29 @@ async def _log(req: handlers.SubresourceRequest) -> web.StreamResponse:
 
 
 async def _exec(req: handlers.SubresourceRequest) -> web.StreamResponse:
-    request = req.request
     _authorize(req, "create", "exec")
-    if not web.WebSocketResponse(protocols=EXEC_PROTOCOLS).can_prepare(request).ok:
+    if not web.WebSocketResponse(protocols=EXEC_PROTOCOLS).can_prepare(req.request).ok:
         # kubectl falls back to SPDY on this answer; SPDY is not served here
         raise errors.bad_request("exec needs a websocket connection (v5.channel.k8s.io); SPDY is not supported")
+    return await _websocket(req, "exec", EXEC_PROTOCOLS)
+
+
+async def _portforward(req: handlers.SubresourceRequest) -> web.StreamResponse:
+    _authorize(req, "create", "portforward")
+    if not web.WebSocketResponse(protocols=PORTFORWARD_PROTOCOLS).can_prepare(req.request).ok:
+        raise errors.bad_request(f"port-forward needs a websocket connection ({PORTFORWARD_PROTOCOLS[0]}); "
+                                 "a plain SPDY upgrade is not supported")  # fmt: skip
+    return await _websocket(req, "portforward", PORTFORWARD_PROTOCOLS)
+
+
+async def _websocket(req: handlers.SubresourceRequest, sub: str, known: tuple[str, ...]) -> web.StreamResponse:
+    """The node agent's websocket for this pod's `sub`, spliced frame by frame to the client's."""
+    request = req.request
     pod, base, fingerprint, token = await _target(req)
-    url = f"{base}/exec" + (f"?{request.query_string}" if request.query_string else "")
+    url = f"{base}/{sub}" + (f"?{request.query_string}" if request.query_string else "")
     node = pod["spec"].get("nodeName")
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    protocols = [p for p in offered if p in EXEC_PROTOCOLS] or list(EXEC_PROTOCOLS)
+    protocols = [p for p in offered if p in known] or list(known)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=consoles.CONNECT_TIMEOUT))
     try:
         try:
@@ -78,7 +94,7 @@ async def _exec(req: handlers.SubresourceRequest) -> web.StreamResponse:
                 max_msg_size=consoles.MAX_MESSAGE)  # fmt: skip
         except aiohttp.WSServerHandshakeError as exc:
             code = exc.status if exc.status in (400, 403, 404, 409) else 502
-            raise errors.StatusError(code, f"the node agent on {node} refused exec: {exc.message}") from exc
+            raise errors.StatusError(code, f"the node agent on {node} refused {sub}: {exc.message}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise errors.StatusError(503, f"cannot reach the node agent on {node}: {exc}") from exc
         try:

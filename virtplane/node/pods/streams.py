@@ -3,6 +3,7 @@
 
     GET /v1/namespaces/{ns}/pods/{name}/log?container=&follow=&previous=&tailLines=&timestamps=&sinceSeconds=
     GET /v1/namespaces/{ns}/pods/{name}/exec?command=...&container=&stdin=&stdout=&stderr=&tty=   (websocket)
+    GET /v1/namespaces/{ns}/pods/{name}/portforward   (websocket tunnelling SPDY/3.1, see portforward.py)
 
 Logs are the shim's CRI files (one per run of a container: `logs/<restartCount>.log`). Exec speaks the
 Kubernetes remotecommand websocket protocol (`v5.channel.k8s.io`, also v4): binary frames whose first byte is
@@ -28,6 +29,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from . import portforward
 from .controller import PodController
 from .runtime import Sandbox, read_state
 
@@ -49,6 +51,7 @@ def add_pod_routes(app: web.Application, controller: PodController,
     streams = PodStreams(controller, authorize)
     app.router.add_get("/v1/namespaces/{namespace}/pods/{name}/log", streams.log)
     app.router.add_get("/v1/namespaces/{namespace}/pods/{name}/exec", streams.exec)
+    app.router.add_get("/v1/namespaces/{namespace}/pods/{name}/portforward", streams.portforward)
 
 
 def _status(code: int, message: str, reason: str = "") -> JSON:
@@ -219,6 +222,28 @@ class PodStreams:
                           "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}  # fmt: skip
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await ws.send_bytes(bytes([ERROR]) + json.dumps(status).encode())
+        finally:
+            await ws.close()
+        return ws
+
+    # -- port-forward -------------------------------------------------------------------------------------
+    async def portforward(self, request: web.Request) -> web.StreamResponse:
+        await self.authorize(request)
+        ns, name = request.match_info["namespace"], request.match_info["name"]
+        pod = self.controller.pods.get(ns, name)
+        sb = self.controller.sandbox_for(ns, name)
+        if pod is None or sb is None or sb.uid != pod["metadata"].get("uid"):
+            return web.json_response(_status(404, f'pods "{name}" not found on node {self.controller.node_name}'),
+                                     status=404)  # fmt: skip
+        if (pod.get("status") or {}).get("phase") != "Running":
+            return web.json_response(_status(400, f"pod {name} is not running"), status=400)
+        ws = web.WebSocketResponse(protocols=(portforward.WS_PROTOCOL,), heartbeat=10.0)
+        if not ws.can_prepare(request).ok:
+            return web.json_response(_status(400, f"port-forward needs a websocket ({portforward.WS_PROTOCOL})"),
+                                     status=400)  # fmt: skip
+        await ws.prepare(request)
+        try:
+            await portforward.serve_websocket(ws, sb.netns)
         finally:
             await ws.close()
         return ws
