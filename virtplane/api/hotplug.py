@@ -1,9 +1,12 @@
-"""Volume hotplug requests (KubeVirt's AddVolumeOptions / RemoveVolumeOptions) applied to a VMI or VM spec.
+"""Hotplug of volumes and NICs as spec edits: KubeVirt's AddVolumeOptions / RemoveVolumeOptions, and its
+declarative NIC hotplug, applied to a VMI or VM spec.
 
 Pure functions shared by the API server's `addvolume`/`removevolume` subresources, the VM controller (a
-running VMI follows the hotpluggable volumes of its VM's template: KubeVirt's declarative hotplug) and the
-node agent (which volumes QEMU must have attached). A volume is hotpluggable when its `dataVolume` or
-`persistentVolumeClaim` source says `hotpluggable: true`, as in KubeVirt.
+running VMI follows the hotpluggable volumes and interfaces of its VM's template: KubeVirt's declarative
+hotplug), virtctl's `addinterface`/`removeinterface` and the node agent (which volumes QEMU must have
+attached). A volume is hotpluggable when its `dataVolume` or `persistentVolumeClaim` source says
+`hotpluggable: true`; an interface when it has the bridge binding on a multus (secondary) network, the kind
+KubeVirt 1.x hotplugs (SR-IOV, the other kind, is not in virtplane).
 """
 
 from __future__ import annotations
@@ -39,10 +42,68 @@ def hotplug_volume_names(spec: Mapping[str, Any]) -> list[str]:
     return [str(v["name"]) for v in spec.get("volumes") or [] if is_hotpluggable(v) and v.get("name") in disks]
 
 
+def _interfaces(spec: Mapping[str, Any]) -> list[JSON]:
+    return list(((spec.get("domain") or {}).get("devices") or {}).get("interfaces") or [])
+
+
+def is_hotpluggable_interface(spec: Mapping[str, Any], iface: Mapping[str, Any]) -> bool:
+    """Bridge binding on a multus network that is not the pod's default network."""
+    net = next((n for n in spec.get("networks") or [] if n.get("name") == iface.get("name")), None) or {}
+    multus = net.get("multus")
+    return "bridge" in iface and isinstance(multus, Mapping) and not multus.get("default")
+
+
+def hotplug_interface_names(spec: Mapping[str, Any]) -> list[str]:
+    """Names of the spec's hotpluggable interfaces (absent ones included), in spec order."""
+    return [str(i.get("name")) for i in _interfaces(spec) if is_hotpluggable_interface(spec, i)]
+
+
+def interface_and_network(spec: Mapping[str, Any], name: str) -> tuple[JSON, JSON] | None:
+    iface = next((i for i in _interfaces(spec) if i.get("name") == name), None)
+    net = next((n for n in spec.get("networks") or [] if n.get("name") == name), None)
+    if iface is None or net is None:
+        return None
+    return dict(iface), dict(net)
+
+
+def add_interface(spec: JSON, iface: JSON, network: JSON) -> JSON:
+    """Append an interface and its network; HotplugRequestError(conflict) when the name is taken."""
+    name = iface.get("name")
+    if not name:
+        raise HotplugRequestError("name", "an interface to add needs a name")
+    if any(i.get("name") == name for i in _interfaces(spec)) \
+            or any(n.get("name") == name for n in spec.get("networks") or []):
+        raise HotplugRequestError("name", f"Unable to add interface [{name}] because an interface or network with "
+                                          "that name already exists", conflict=True)  # fmt: skip
+    spec.setdefault("domain", {}).setdefault("devices", {}).setdefault("interfaces", []).append(iface)
+    spec.setdefault("networks", []).append(network)
+    return spec
+
+
+def remove_interface(spec: JSON, name: str) -> JSON:
+    """Mark a hotpluggable interface `state: absent` (KubeVirt's hot-unplug request); HotplugRequestError when
+    it is missing or cannot be unplugged."""
+    iface = next((i for i in _interfaces(spec) if i.get("name") == name), None)
+    if iface is None:
+        raise HotplugRequestError("name", f"Unable to remove interface [{name}] because it does not exist",
+                                  conflict=True)
+    if not is_hotpluggable_interface(spec, iface):
+        raise HotplugRequestError("name", f"Unable to remove interface [{name}]: only an interface with the bridge "
+                                          "binding on a secondary (multus) network can be unplugged",
+                                  conflict=True)  # fmt: skip
+    iface["state"] = "absent"
+    return spec
+
+
 def without_hotplug(spec: Mapping[str, Any]) -> JSON:
-    """The spec minus its hotpluggable volumes and their disks: what a running VMI cannot follow live (the
-    VM controller's RestartRequired hash ignores hotplug changes, they are applied live)."""
+    """The spec minus its hotpluggable volumes and their disks, and its hotpluggable interfaces and their
+    networks: what a running VMI cannot follow live (the VM controller's RestartRequired hash ignores hotplug
+    changes, they are applied live)."""
     out = copy.deepcopy(dict(spec))
+    nics = set(hotplug_interface_names(out))
+    if nics:
+        out["domain"]["devices"]["interfaces"] = [i for i in _interfaces(out) if i.get("name") not in nics]
+        out["networks"] = [n for n in out.get("networks") or [] if n.get("name") not in nics]
     names = {str(v.get("name")) for v in out.get("volumes") or [] if is_hotpluggable(v)}
     if not names:
         return out

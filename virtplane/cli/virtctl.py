@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -39,6 +40,7 @@ import aiohttp
 import yaml
 
 import virtplane
+from virtplane.api import hotplug
 from virtplane.client import rest
 from virtplane.console import client as cclient
 
@@ -1050,6 +1052,63 @@ async def cmd_removevolume(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+async def _edit_interfaces(ctx: Context, name: str, edit: Callable[[JSON], None]) -> str:
+    """Apply `edit` to the VM's template spec when a VM of that name exists (the VM controller then plugs or
+    unplugs the NIC of its running VMI, and the change survives restarts), else to the standalone VMI's spec
+    (the node agent acts on it). A JSON patch guarded by resourceVersion, retried on a conflict."""
+    async with ctx.client() as client:
+        for _ in range(5):
+            try:
+                obj, gvr, path = await client.get(VM, name, ctx.namespace), VM, "/spec/template/spec"
+                spec = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+            except rest.NotFound:
+                try:
+                    obj, gvr, path = await client.get(VMI, name, ctx.namespace), VMI, "/spec"
+                except rest.NotFound as exc:
+                    raise CLIError(f"no VirtualMachine or VirtualMachineInstance {name} in {ctx.namespace}") from exc
+                spec = obj.get("spec") or {}
+            spec = copy.deepcopy(spec)
+            try:
+                edit(spec)
+            except hotplug.HotplugRequestError as exc:
+                raise CLIError(exc.message) from exc
+            ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": obj["metadata"]["resourceVersion"]},
+                   {"op": "add", "path": f"{path}/domain/devices/interfaces",
+                    "value": spec["domain"]["devices"]["interfaces"]},
+                   {"op": "add", "path": f"{path}/networks", "value": spec.get("networks") or []}]
+            try:
+                await client.patch(gvr, name, ops, ctx.namespace, patch_type="json")
+                return "VM" if gvr is VM else "VMI"
+            except rest.Conflict:
+                continue
+            except rest.APIError as exc:
+                if exc.code == 422 and "test" in str(exc).lower():
+                    continue  # changed meanwhile: read again
+                raise
+    raise CLIError(f"{name} kept changing while the interface was being edited; try again")
+
+
+async def cmd_addinterface(args: argparse.Namespace, ctx: Context) -> int:
+    """KubeVirt's (pre-1.1) `virtctl addinterface`: a bridge-binding NIC on a NetworkAttachmentDefinition,
+    hot-plugged into the running VM by its declarative NIC hotplug."""
+    iface: JSON = {"name": args.iface_name, "bridge": {}}
+    if args.model:
+        iface["model"] = args.model
+    if args.mac_address:
+        iface["macAddress"] = args.mac_address
+    network = {"name": args.iface_name, "multus": {"networkName": args.network_attachment_definition_name}}
+    kind = await _edit_interfaces(ctx, args.name, lambda spec: hotplug.add_interface(spec, iface, network))
+    print(f"Successfully submitted add interface request to {kind} {args.name} for interface {args.iface_name}")
+    return 0
+
+
+async def cmd_removeinterface(args: argparse.Namespace, ctx: Context) -> int:
+    """Marks the interface `state: absent`: the NIC is unplugged from the running VM."""
+    kind = await _edit_interfaces(ctx, args.name, lambda spec: hotplug.remove_interface(spec, args.iface_name))
+    print(f"Successfully submitted remove interface request to {kind} {args.name} for interface {args.iface_name}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- create vm
 
 _RAND_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' rand.String alphabet (no vowels, no lookalikes)
@@ -1669,6 +1728,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume-name", dest="volume_name", required=True, help="the volume to remove")
     _bool_flag(p, "--persist", dest="persist", help="also remove the volume from the VM's spec")
     _bool_flag(p, "--dry-run", dest="dry_run", help="validate only, change nothing")
+    p = verb("addinterface", "hot-plug a NIC (bridge binding on a NetworkAttachmentDefinition) into a VM",
+             cmd_addinterface)
+    p.add_argument("name", metavar="VM")
+    p.add_argument("--network-attachment-definition-name", dest="network_attachment_definition_name",
+                   required=True, help="the NetworkAttachmentDefinition ([namespace/]name) the NIC joins")
+    p.add_argument("--name", dest="iface_name", required=True, help="the interface's (and network's) name")
+    p.add_argument("--model", default="", help="the NIC model (default virtio)")
+    p.add_argument("--mac-address", dest="mac_address", default="", help="the NIC's MAC address")
+    p = verb("removeinterface", "hot-unplug a NIC from a VM (marks it state: absent)", cmd_removeinterface)
+    p.add_argument("name", metavar="VM")
+    p.add_argument("--name", dest="iface_name", required=True, help="the interface to unplug")
     return parser
 
 

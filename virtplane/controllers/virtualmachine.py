@@ -388,7 +388,30 @@ def restart_required(vm: JSON, vmi: JSON | None) -> bool | None:
     started_from = (vmi["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
     if started_from is None:
         return None
-    return started_from != template_spec_hash(vm)
+    if started_from != template_spec_hash(vm):
+        return True
+    return _nic_change_needs_restart((((vm.get("spec") or {}).get("template") or {}).get("spec")) or {},
+                                     vmi.get("spec") or {})
+
+
+def _without_state(iface: JSON) -> JSON:
+    return {k: v for k, v in iface.items() if k != "state"}
+
+
+def _nic_change_needs_restart(tspec: JSON, vspec: JSON) -> bool:
+    """The hash leaves hotpluggable NICs out (they come and go live); what they cannot do live is change: a
+    plugged NIC whose template entry is gone without `state: absent` first (KubeVirt asks for absent), or
+    whose binding, model, MAC or network changed."""
+    for name in hotplug.hotplug_interface_names(vspec):
+        current = hotplug.interface_and_network(vspec, name)
+        if current is None or current[0].get("state") == "absent":
+            continue
+        wanted = hotplug.interface_and_network(tspec, name)
+        if wanted is None:
+            return True
+        if _without_state(wanted[0]) != _without_state(current[0]) or wanted[1] != current[1]:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,6 +490,39 @@ def _hotplug_ops(tspec: JSON, vmi: JSON) -> list[JSON]:
         ops.append({"op": "add", "path": "/metadata/annotations/" + HOTPLUG_ANNOTATION.replace("/", "~1"),
                     "value": json.dumps(new_synced)})
     return ops
+
+
+def _interface_ops(tspec: JSON, vmi: JSON) -> list[JSON]:
+    """JSON patch ops that bring the VMI's hotpluggable NICs in line with the template's (KubeVirt's declarative
+    NIC hotplug): a new one is added with its network, `state: absent` is carried over (the node agent unplugs
+    it), and clearing `absent` again plugs it back."""
+    vspec = vmi.get("spec") or {}
+    ifaces = copy.deepcopy(((vspec.get("domain") or {}).get("devices") or {}).get("interfaces") or [])
+    nets = copy.deepcopy(vspec.get("networks") or [])
+    changed = False
+    for name in hotplug.hotplug_interface_names(tspec):
+        pair = hotplug.interface_and_network(tspec, name)
+        if pair is None:
+            continue
+        wanted, network = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
+        absent = wanted.get("state") == "absent"
+        current = next((i for i in ifaces if i.get("name") == name), None)
+        if current is None:
+            if absent or any(n.get("name") == name for n in nets):
+                continue
+            ifaces.append(wanted)
+            nets.append(network)
+            changed = True
+        elif absent and current.get("state") != "absent":
+            current["state"] = "absent"
+            changed = True
+        elif not absent and current.get("state") == "absent":
+            current.pop("state")
+            changed = True
+    if not changed:
+        return []
+    return [{"op": "add", "path": "/spec/domain/devices/interfaces", "value": ifaces},
+            {"op": "add", "path": "/spec/networks", "value": nets}]
 
 
 def _legacy_firmware_uuid(name: str) -> str:
@@ -794,7 +850,7 @@ class VMController:
 
     async def _live_update(self, vm: JSON, vmi: JSON) -> None:
         """LiveUpdate rollout: the VMI follows nodeSelector/affinity/tolerations and the template's hotpluggable
-        volumes (declarative hotplug; the node agent attaches and detaches the disks)."""
+        volumes and NICs (declarative hotplug; the node agent attaches and detaches them)."""
         if is_deleted(vmi) or is_final(vmi) or restart_required(vm, vmi) or "resourceVersion" not in vmi["metadata"]:
             return
         tspec = ((vm.get("spec") or {}).get("template") or {}).get("spec") or {}
@@ -808,6 +864,7 @@ class VMController:
             else:
                 ops.append({"op": "add", "path": f"/spec/{k}", "value": tspec[k]})
         ops += _hotplug_ops(tspec, vmi)
+        ops += _interface_ops(tspec, vmi)
         if not ops:
             return
         ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": vmi["metadata"]["resourceVersion"]})

@@ -155,3 +155,84 @@ async def hotplug_and_unplug(env: dict[str, Any], component: rest.Client, consol
 
     await wait_until(released, 60, "the hotplugged NIC's address released after unplug")
 
+
+
+VMS = rest.GVR("kubevirt.io", "v1", "virtualmachines")
+
+
+async def test_vm_nic_hotplug_with_virtctl_and_restart_required(env: dict[str, Any], admin: rest.Client,
+                                                                bridge: str) -> None:  # fmt: skip
+    """Declarative NIC hotplug on a VirtualMachine: `virtctl addinterface` adds a bridge NIC on a NAD to the
+    VM's template, the VM controller carries it into the running VMI and the guest announces it and takes a
+    NAD address by DHCP, with no RestartRequired; `virtctl removeinterface` unplugs it. A change the running
+    VM cannot take (the pod NIC's model) shows RestartRequired."""
+    from tests.e2e.network.test_services import virtctl
+
+    await wait_until(lambda: _ready_node(admin), 60, "node Ready")
+    subnet = "192.168.178"
+    config = {"cniVersion": "1.0.0", "name": "hot-net", "plugins": [{
+        "type": "bridge", "bridge": bridge, "isGateway": False, "ipMasq": False,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": f"{subnet}.0/24"}]],
+                 "dataDir": str(env["root"] / "ipam")}}]}
+    await admin.create(NADS, nad("hotnet", config), NS)
+    template = vmi_body("hotvm", env["image"])
+    vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "hotvm", "namespace": NS},
+          "spec": {"runStrategy": "Always", "template": {"metadata": {"labels": {"app": "hotvm"}},
+                                                        "spec": template["spec"]}}}  # fmt: skip
+    await admin.create(VMS, vm, NS)
+    console = env["root"] / "node" / "runtime" / f"{NS}_hotvm" / "console.log"
+    await wait_file(console, r"virtplane-e2e user-data ran", 300)
+    kubeconfig = str(env["cluster"].kubeconfig)
+
+    async def conditions() -> dict[str, str]:
+        got = await admin.get(VMS, "hotvm", NS)
+        return {c["type"]: c["status"] for c in (got.get("status") or {}).get("conditions") or []}
+
+    try:
+        out = await virtctl(kubeconfig, "-n", NS, "addinterface", "hotvm",
+                            "--network-attachment-definition-name", "hotnet", "--name", "hot")
+        assert out.returncode == 0, out.stderr
+        assert "Successfully submitted add interface request to VM hotvm for interface hot" in out.stdout
+        await wait_file(console, r"virtplane-guest: nic eth1 added", 120)
+        m = await wait_file(console, rf"virtplane-guest: ip eth1 ({subnet}\.\d+)", 120)
+
+        async def reported() -> str | None:
+            vmi = await admin.get(VMIS, "hotvm", NS)
+            hot = next((i for i in (vmi.get("status") or {}).get("interfaces") or [] if i["name"] == "hot"), {})
+            return hot.get("ipAddress")
+
+        assert await wait_until(reported, 60, "hot NIC in status.interfaces") == m.group(1)
+        assert (await conditions()).get("RestartRequired") != "True"
+        # adding it again is refused with the reason, and nothing changes
+        again = await virtctl(kubeconfig, "-n", NS, "addinterface", "hotvm",
+                              "--network-attachment-definition-name", "hotnet", "--name", "hot")
+        assert again.returncode != 0 and "already exists" in again.stderr, (again.stdout, again.stderr)
+
+        out = await virtctl(kubeconfig, "-n", NS, "removeinterface", "hotvm", "--name", "hot")
+        assert out.returncode == 0, out.stderr
+        await wait_file(console, r"virtplane-guest: nic eth1 removed", 120)
+        vmi = await admin.get(VMIS, "hotvm", NS)
+        hot = next(i for i in vmi["spec"]["domain"]["devices"]["interfaces"] if i["name"] == "hot")
+        assert hot.get("state") == "absent"
+        assert (await conditions()).get("RestartRequired") != "True"
+
+        # the pod NIC's model cannot change live
+        got = await admin.get(VMS, "hotvm", NS)
+        got["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0]["model"] = "e1000e"
+        await admin.update(VMS, got)
+
+        async def restart_required() -> bool:
+            return (await conditions()).get("RestartRequired") == "True"
+
+        await wait_until(restart_required, 60, "RestartRequired after a pod NIC model change")
+    finally:
+        await admin.delete(VMS, "hotvm", NS)
+
+        async def gone() -> bool:
+            try:
+                await admin.get(VMIS, "hotvm", NS)
+                return False
+            except rest.NotFound:
+                return True
+
+        await wait_until(gone, 90, "hotvm's VMI gone")

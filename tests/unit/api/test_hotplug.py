@@ -96,3 +96,62 @@ def test_empty_cdrom_takes_a_medium_and_keeps_the_drive_on_eject() -> None:
     assert "cd" in [d["name"] for d in hotplug.without_hotplug(s)["domain"]["devices"]["disks"]]
     hotplug.remove_volume(s, "cd")
     assert hotplug.empty_cdrom_names(s) == {"cd"}
+
+
+def nic_spec() -> dict:
+    s = spec()
+    s["domain"]["devices"]["interfaces"] = [{"name": "default", "masquerade": {}}]
+    s["networks"] = [{"name": "default", "pod": {}}]
+    return s
+
+
+def test_nic_add_remove_and_what_is_hotpluggable() -> None:
+    s = nic_spec()
+    hotplug.add_interface(s, {"name": "sec", "bridge": {}}, {"name": "sec", "multus": {"networkName": "nad1"}})
+    assert hotplug.hotplug_interface_names(s) == ["sec"]  # the masquerade pod NIC is not
+    with pytest.raises(hotplug.HotplugRequestError) as err:
+        hotplug.add_interface(s, {"name": "sec", "bridge": {}}, {"name": "sec", "multus": {"networkName": "x"}})
+    assert err.value.conflict
+    with pytest.raises(hotplug.HotplugRequestError, match="only an interface with the bridge"):
+        hotplug.remove_interface(s, "default")
+    with pytest.raises(hotplug.HotplugRequestError, match="does not exist"):
+        hotplug.remove_interface(s, "nope")
+    hotplug.remove_interface(s, "sec")
+    assert s["domain"]["devices"]["interfaces"][-1] == {"name": "sec", "bridge": {}, "state": "absent"}
+    # a masquerade NIC on a multus network, or a multus default network, is not hotpluggable either
+    t = nic_spec()
+    t["domain"]["devices"]["interfaces"].append({"name": "m", "masquerade": {}})
+    t["networks"].append({"name": "m", "multus": {"networkName": "n", "default": True}})
+    assert hotplug.hotplug_interface_names(t) == []
+
+
+def test_vm_template_nics_follow_live_and_restart_only_when_they_must() -> None:
+    booted = nic_spec()
+    hot = nic_spec()
+    hotplug.add_interface(hot, {"name": "sec", "bridge": {}}, {"name": "sec", "multus": {"networkName": "nad1"}})
+    # adding a hotpluggable NIC is not a restart-worthy change, and the VMI gets it with its network
+    assert vmc.template_spec_hash(_vm(booted)) == vmc.template_spec_hash(_vm(hot))
+    vmi = vmc.vmi_from_vm(_vm(booted))
+    assert vmc.restart_required(_vm(hot), vmi) is False
+    ops = vmc._interface_ops(hot, vmi)
+    by_path = {o["path"]: o["value"] for o in ops}
+    assert [i["name"] for i in by_path["/spec/domain/devices/interfaces"]] == ["default", "sec"]
+    assert by_path["/spec/networks"][-1] == {"name": "sec", "multus": {"networkName": "nad1"}}
+    vmi["spec"]["domain"]["devices"]["interfaces"] = by_path["/spec/domain/devices/interfaces"]
+    vmi["spec"]["networks"] = by_path["/spec/networks"]
+    assert vmc._interface_ops(hot, vmi) == []  # in sync
+    # state: absent in the template is carried to the VMI (the node agent unplugs), and back again
+    hotplug.remove_interface(hot, "sec")
+    ops = vmc._interface_ops(hot, vmi)
+    assert ops[0]["value"][-1] == {"name": "sec", "bridge": {}, "state": "absent"}
+    assert vmc.restart_required(_vm(hot), vmi) is False
+    # a plugged NIC dropped from the template without `absent`, or changed, needs a restart
+    assert vmc.restart_required(_vm(booted), vmi) is True
+    changed = nic_spec()
+    hotplug.add_interface(changed, {"name": "sec", "bridge": {}, "model": "e1000e"},
+                          {"name": "sec", "multus": {"networkName": "nad1"}})
+    assert vmc.restart_required(_vm(changed), vmi) is True
+    # the pod NIC itself is not hotpluggable: changing it is a restart
+    masq = nic_spec()
+    masq["domain"]["devices"]["interfaces"][0]["model"] = "e1000e"
+    assert vmc.restart_required(_vm(masq), vmc.vmi_from_vm(_vm(booted))) is True
