@@ -7,7 +7,9 @@ never touch each other's rules), replaced atomically on every change:
   per endpoint, as kube-proxy's nftables mode);
 - what was DNATed is masqueraded on the way out. Without it a pod reaching a Service whose endpoint sits on
   the same bridge would get the reply straight from the endpoint (L2, not back through this node's
-  conntrack) and drop it; kube-proxy relies on br_netfilter there, which a host may not have.
+  conntrack) and drop it; kube-proxy relies on br_netfilter there, which a host may not have;
+- a ClusterIP:port or NodePort with no ready endpoint is rejected (ICMP port unreachable: the client's
+  connect fails at once with "connection refused") in filter chains on input, forward and output.
 
 Cluster DNS: `<service>.<namespace>.svc.<domain>` → the ClusterIP (a headless Service: its endpoints' IPs),
 written as a hosts file that every VMI's dnsmasq reads through `--hostsdir` (re-read on change by inotify).
@@ -91,9 +93,15 @@ def ruleset(table: str, svc_rules: Iterable[Rule]) -> str:
     """The whole table, replaced in one nft transaction (create-if-missing, delete, define)."""
     dispatch: list[str] = []
     chains: list[str] = []
+    refused: list[str] = []
     for i, r in enumerate(svc_rules):
         if not r.endpoints:
-            continue  # nothing to send it to (kube-proxy rejects; here the connection just times out)
+            # Nothing to send it to: refused at once, as kube-proxy does, instead of a connect that times out.
+            if r.cluster_ip:
+                refused.append(f"    ip daddr {r.cluster_ip} {r.protocol} dport {r.port} reject")
+            if r.node_port:
+                refused.append(f"    fib daddr type local {r.protocol} dport {r.node_port} reject")
+            continue
         chain = f"svc_{i}"
         if len(r.endpoints) == 1:
             ip, port = r.endpoints[0]
@@ -129,6 +137,21 @@ table ip {table} {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade
+  }}
+  chain no_endpoints {{
+{chr(10).join(refused)}
+  }}
+  chain filter_input {{
+    type filter hook input priority filter - 10; policy accept;
+    jump no_endpoints
+  }}
+  chain filter_forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    jump no_endpoints
+  }}
+  chain filter_output {{
+    type filter hook output priority filter - 10; policy accept;
+    jump no_endpoints
   }}
 }}
 """

@@ -17,6 +17,7 @@ from tests.e2e.network.test_pod_network import delete_and_wait
 from tests.e2e.node.conftest import VMIS, wait_until
 from tests.e2e.node.test_node_agent import NS, _ready_node, vmi_body, wait_file
 from virtplane.client import rest
+from virtplane.network import services
 from virtplane.testing.cluster import REPO
 
 SERVICES = rest.GVR("", "v1", "services")
@@ -159,3 +160,36 @@ async def test_service_clusterip_and_dns_between_vms(env: dict[str, Any], admin:
 
 async def _none_if_replies(ip: str) -> bool | None:
     return True if await tcp_hello(ip, 80) is None else None
+
+
+async def test_service_without_endpoints_is_refused_at_once(env: dict[str, Any], admin: rest.Client) -> None:
+    """kube-proxy's no-endpoint rule: a ClusterIP whose Service selects nothing refuses a connection at once
+    (the client sees 'connection refused') instead of leaving it to time out."""
+    await wait_until(lambda: _ready_node(admin), 60, "node Ready")
+    body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "nobody", "namespace": NS},
+            "spec": {"selector": {"app": "nobody-here"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    svc = await admin.create(SERVICES, body, NS)
+    cluster_ip = svc["spec"]["clusterIP"]
+
+    table = services.table_name((env["root"] / "node" / "network").resolve())
+
+    async def rule() -> bool | None:
+        proc = await asyncio.to_thread(subprocess.run, ["nft", "list", "table", "ip", table], capture_output=True,
+                                       text=True)
+        text = proc.stdout
+        return True if f"ip daddr {cluster_ip} tcp dport 80 reject" in text else None
+
+    try:
+        await wait_until(rule, 60, f"the node's reject rule for {cluster_ip}:80")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(cluster_ip, 80), 5)
+        except ConnectionRefusedError:
+            pass
+        else:
+            writer.close()
+            raise AssertionError(f"{cluster_ip}:80 accepted a connection with no endpoints")
+        assert loop.time() - start < 2.0  # refused, not timed out
+    finally:
+        await admin.delete(SERVICES, "nobody", NS)

@@ -61,7 +61,12 @@ def test_ruleset_shape() -> None:
     assert f"numgen random mod 2 vmap {{ 0 : jump {c}_ep0, 1 : jump {c}_ep1 }}" in text
     assert "meta l4proto tcp dnat to 10.244.0.6:8080" in text
     assert "meta l4proto udp dnat to 10.244.0.9:5353" in text
-    assert "10.96.0.11" not in text  # no endpoints, no rule
+    # no endpoints: no DNAT, refused at once (kube-proxy's no-endpoint reject) from the node, its pods and NodePorts
+    assert "ip daddr 10.96.0.11 tcp dport 80 jump" not in text
+    no_eps = re.search(r"chain no_endpoints \{\n(.*?)\n  \}", text, re.S)
+    assert no_eps and no_eps.group(1).strip() == "ip daddr 10.96.0.11 tcp dport 80 reject", text
+    for hook in ("input", "forward", "output"):
+        assert f"type filter hook {hook} priority filter - 10; policy accept;\n    jump no_endpoints" in text
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="nft -c needs root")
