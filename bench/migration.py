@@ -71,9 +71,17 @@ async def platform_run(client: rest.Client, i: int) -> tuple[float, int, int]:
     body = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
             "metadata": {"name": name}, "spec": {"vmiName": "bench"}}  # fmt: skip
     t0 = time.monotonic()
+    seen: dict[str, float] = {}  # phase -> when this poll first saw it (s after the create)
+
+    def finished(o: dict[str, Any]) -> bool:
+        ph = (o.get("status") or {}).get("phase") or "(none)"
+        seen.setdefault(ph, time.monotonic() - t0)
+        return ph in ("Succeeded", "Failed")
+
     await client.create(VMIMS, body, NS)
-    done = await wait(client, VMIMS, name, lambda o: (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
+    done = await wait(client, VMIMS, name, finished)
     elapsed = time.monotonic() - t0
+    print("  phases first seen (s): " + ", ".join(f"{k} {v:.2f}" for k, v in seen.items()), flush=True)
     if done["status"]["phase"] != "Succeeded":
         raise RuntimeError(f"migration failed: {done['status']}")
     # QEMU's figures: the source agent's MigrationCompleted event for this VMI (the newest one)
@@ -124,6 +132,9 @@ async def raw_run(template: BareTemplate, work: Path, ns_src: str, ns_dst: str, 
                 break
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - t0
+        while info["status"] == "completed" and not info.get("total-time"):
+            await asyncio.sleep(0.01)  # QEMU sets "completed" a moment before it fills in its figures
+            info = await qs.execute("query-migrate")
         if info["status"] != "completed":
             raise RuntimeError(f"raw migration {info['status']}: {info.get('error-desc')}")
         return elapsed, int(info.get("total-time", -1)), int(info.get("downtime", -1))
@@ -186,9 +197,10 @@ def report(plat: list[Any], raw_tls: list[Any], raw_plain: list[Any]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--trace", action="store_true", help="agents at log level info; print their migration lines")
     args = p.parse_args()
     short = Path(tempfile.mkdtemp(prefix="vpb-", dir="/tmp"))  # short: unix socket paths in runtime dirs
-    cluster = Cluster(short / "c", nodes=2, extra_args=("--log-level", "warning"))
+    cluster = Cluster(short / "c", nodes=2, extra_args=("--log-level", "info" if args.trace else "warning"))
     try:
         cluster.start()
         with guest.registry_with_containerdisk(short / "registry", host=cluster.node_network()["gateway"]) as (
@@ -196,6 +208,10 @@ def main() -> None:
             results = asyncio.run(measure(cluster, image, args.runs, short))
     finally:
         cluster.stop()
+        if args.trace:
+            for line in cluster.log_path.read_text(errors="replace").splitlines():
+                if "migrat" in line.lower():
+                    print(line)
         shutil.rmtree(short, ignore_errors=True)
     report(*results)
 

@@ -38,7 +38,8 @@ KUBEVIRTS = rest.GVR("kubevirt.io", "v1", "kubevirts")
 SECRETS = rest.GVR("", "v1", "secrets")
 POLICIES = rest.GVR("migrations.kubevirt.io", "v1alpha1", "migrationpolicies", namespaced=False)
 NAMESPACES = rest.GVR("", "v1", "namespaces", namespaced=False)
-POLICY_FIELDS = ("allowAutoConverge", "allowPostCopy", "bandwidthPerMigration", "completionTimeoutPerGiB")
+POLICY_FIELDS = ("allowAutoConverge", "allowPostCopy", "bandwidthPerMigration", "completionTimeoutPerGiB",
+                 "maxDowntimeMs")
 
 FINALIZER = "kubevirt.io/migrationJobFinalize"
 JOB_LABEL = "kubevirt.io/migrationJobUID"
@@ -56,6 +57,7 @@ DEFAULT_CONFIG: JSON = {
     "progressTimeout": 150,
     "allowAutoConverge": False,
     "allowPostCopy": False,
+    "maxDowntimeMs": 900,  # how far the source agent may raise QEMU's downtime limit (it starts at 50 ms)
     "disableTLS": False,
     "unsafeMigrationOverride": False,
 }
@@ -223,7 +225,7 @@ class MigrationController:
                  "targetPod": pod["metadata"]["name"], "mode": "PreCopy",
                  "migrationConfiguration": {k: v for k, v in cfg.items() if k in (
                      "allowAutoConverge", "allowPostCopy", "bandwidthPerMigration", "completionTimeoutPerGiB",
-                     "progressTimeout", "disableTLS")}}  # fmt: skip
+                     "progressTimeout", "maxDowntimeMs", "disableTLS")}}  # fmt: skip
         policy = self.policy_for(vmi)
         if policy is not None:
             state["migrationPolicyName"] = policy["metadata"]["name"]

@@ -542,6 +542,10 @@ class Machine:
             raise InvalidStateError("listen_incoming", "not started as a migration target")
         await self._qmp_exec("migrate-incoming", {"uri": uri})
         info = await self._qmp_exec("query-migrate")
+        # `cont` while incoming sets QEMU's autostart: it starts the vCPUs itself the moment the guest is all
+        # here (or post-copy begins), with no round trip through us inside the downtime
+        self._expect["RESUME"] = "resumed by the incoming migration"
+        await self._qmp_exec("cont")
         return list(info.get("socket-address") or [])
 
     async def migrate(self, uri: str) -> None:
@@ -838,10 +842,12 @@ class Machine:
             if status in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
                 self._set_state(RunState.MIGRATING, f"migration {status}")
             elif status == "completed" and self.incoming:
-                # the target: the guest is all here now; vCPUs were left stopped (-S), start them
+                # the target: the guest is all here now and QEMU started it (autostart, see listen_incoming);
+                # a target adopted from an earlier agent may not have had that `cont`
                 self.incoming = False
-                self._expect["RESUME"] = "migrated in"
-                await self._qmp_exec("cont")
+                if not (await self._qmp_exec("query-status")).get("running"):
+                    self._expect["RESUME"] = "migrated in"
+                    await self._qmp_exec("cont")
                 self._set_state(RunState.RUNNING, "migrated in")
             elif status == "completed":
                 self._set_state(RunState.PAUSED, "migrated")

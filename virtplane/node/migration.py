@@ -6,10 +6,12 @@ node's agent. Then:
 - target: builds the same machine from the same spec (disks on shared storage or regenerated: containerDisk
   overlays, cloud-init), starts QEMU with `-incoming defer`, listens on its node address and publishes
   `targetNodeAddress` / `targetDirectMigrationNodePorts` / `targetNodeDomainDetected`;
-- source: sees the address, starts QMP `migrate` (TLS unless the configuration disables it), writes
-  `startTimestamp`, follows `query-migrate` (and escalates a stalled migration, see `escalation`);
-- target: when the guest runs there (MIGRATION completed → `cont`), takes the VMI over: `nodeName`, the
-  `kubevirt.io/nodeName` label, `completed`, `endTimestamp`;
+- source: sees the address, starts QMP `migrate` (TLS unless the configuration disables it) with an explicit
+  downtime limit, writes `startTimestamp`, and follows the stream by QEMU's MIGRATION / MIGRATION_PASS events
+  (escalating a migration that does not converge, see `_escalate`);
+- target: QEMU starts the guest by itself the moment the stream completes (`cont` given while incoming sets
+  autostart: no round trip inside the downtime); on the MIGRATION completed event the agent takes the VMI over:
+  `nodeName`, the `kubevirt.io/nodeName` label, `completed`, `endTimestamp`;
 - source: sees the VMI on another node, quits its (paused, migrated) QEMU, completes its launcher pod and
   removes its runtime dir.
 A failure (the target QEMU dies, the network is cut, a timeout, an abort) is written by the source as
@@ -32,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from virtplane.api import quantity
 from virtplane.client import rest
-from virtplane.hypervisor.errors import HypervisorError
+from virtplane.hypervisor.errors import HypervisorError, QMPDisconnectedError
 from virtplane.hypervisor.machine import Machine, RunState
+from virtplane.hypervisor.qmp import EventStream
 
 from . import network
 from . import status as st
@@ -47,9 +50,14 @@ JSON = dict[str, Any]
 Key = tuple[str, str]
 
 TARGET_NODE_LABEL = "kubevirt.io/migrationTargetNodeName"
-POLL_SECONDS = 0.25
-STALL_SECONDS = 3.0  # no 10 % less RAM left to send in this long: the migration is not converging
-MAX_DOWNTIME_MS = 2000  # how far escalation raises QEMU's downtime limit (its default is 300 ms)
+# QEMU's downtime limit (`downtime-limit`: it switches over once the RAM left fits in it at the measured
+# bandwidth) starts here, or at maxDowntimeMs when that is lower; escalation doubles it up to maxDowntimeMs
+# (the KubeVirt CR's or the MigrationPolicy's; KubeVirt's default 900 ms). QEMU's own default is 300 ms.
+START_DOWNTIME_MS = 50
+DEFAULT_MAX_DOWNTIME_MS = 900
+STALL_PASSES = 3  # this many passes (dirty-bitmap syncs) in a row without 10 % less RAM left: not converging
+TICK_SECONDS = 1.0  # between passes, the timeouts are checked this often
+DONE = ("completed", "failed", "cancelled")
 TLS_ID = "migration-tls"
 PSK_USER = "virtplane"
 
@@ -67,16 +75,18 @@ class Progress:
     """What the source watches to decide that a migration stalls (KubeVirt's progressTimeout) and escalates."""
 
     started: float
-    last_progress: float
+    last_progress: float  # bytes last moved (KubeVirt's progressTimeout: no data transferred for so long)
     uid: str = ""  # the migration's
-    best_remaining: int = -1
+    transferred: int = 0
+    best_remaining: int = -1  # the least RAM left at the start of a pass (after the first, bulk, pass)
+    stall_passes: int = 0  # passes since best_remaining last shrank by 10 %
     step: int = 0  # escalation steps taken
-    downtime_ms: int = 300
+    downtime_ms: int = START_DOWNTIME_MS
     abort_sent: bool = False
     postcopy: bool = False
     reported: bool = False
     throttled: bool = False
-    last_step: float = 0.0
+    monitor: asyncio.Task[None] | None = None  # follows QEMU's migration events
 
 
 class NodeMigrations:
@@ -136,6 +146,7 @@ class NodeMigrations:
             await asyncio.to_thread(lambda: VMIRuntime(path, RuntimeMeta("", *key)).remove_files())
         rt = VMIRuntime(path, RuntimeMeta(uid=meta["uid"], namespace=key[0], name=key[1]))
         rt.save()
+        t0 = time.monotonic()
         try:
             await network.prepare(vmi)
             resolved = await ctl.resolver.resolve(vmi, rt.disks_dir)
@@ -151,8 +162,10 @@ class NodeMigrations:
         rt.machine = machine
         machine.add_state_listener(ctl._listener(key))
         ctl.runtimes[key] = rt
+        t_built = time.monotonic()
         try:
             await machine.start(incoming=True)
+            t_started = time.monotonic()
             network.release(meta["uid"])
             await machine.set_migration(capabilities(ms, target=True), {})
             tls = not (ms.get("migrationConfiguration") or {}).get("disableTLS")
@@ -170,7 +183,9 @@ class NodeMigrations:
         await self._write_state(key, {"targetNodeAddress": ctl.node_ip,
                                       "targetDirectMigrationNodePorts": {str(port): 0},
                                       "targetNodeDomainDetected": True})  # fmt: skip
-        log.info("migration target for %s/%s listening", *key, extra={"port": port, "tls": tls})
+        log.info("migration target for %s/%s listening", *key, extra={
+            "port": port, "tls": tls, "build_s": round(t_built - t0, 3), "qemu_start_s": round(t_started - t_built, 3),
+            "listen_s": round(time.monotonic() - t_started, 3)})
         return None
 
     async def _take_over(self, key: Key, vmi: JSON, rt: VMIRuntime) -> None:
@@ -223,11 +238,12 @@ class NodeMigrations:
         if prog is None:
             # an agent restart during a migration: follow it from here
             prog = self.progress[key] = Progress(time.monotonic(), time.monotonic(), str(ms.get("migrationUid")))
+            self._follow(key, machine, prog, machine.events({"MIGRATION", "MIGRATION_PASS"}))
         try:
             info = await machine.query_migrate()
         except HypervisorError as err:
             log.warning("query-migrate on %s/%s: %s", *key, err)
-            return POLL_SECONDS
+            return 1.0
         status = str(info.get("status") or "")
         if status in ("failed", "cancelled") or (status == "none" and machine.state == RunState.RUNNING):
             aborted = prog.abort_sent or ms.get("abortRequested")
@@ -244,19 +260,51 @@ class NodeMigrations:
             return 0.05
         if status == "completed":
             await self._report(vmi, prog, info)
-            return POLL_SECONDS  # the target takes over; then _source_done
+            return None  # the target takes over (its VMI write enqueues us); then _source_done
         if ms.get("abortRequested") and not prog.abort_sent:
             prog.abort_sent = True
             with contextlib.suppress(HypervisorError):
                 await machine.migrate_cancel()
             await self._write_state(key, {"abortStatus": "Aborting"})
-            return POLL_SECONDS
-        await self._escalate(key, vmi, ms, machine, info, prog)
-        return POLL_SECONDS
+        return None  # the monitor task follows the stream; MIGRATION events enqueue us
+
+    def _follow(self, key: Key, machine: Machine, prog: Progress, stream: EventStream) -> None:
+        prog.monitor = asyncio.create_task(self._monitor(key, machine, prog, stream), name=f"migration-{key[1]}")
+
+    async def _monitor(self, key: Key, machine: Machine, prog: Progress, stream: EventStream) -> None:
+        """Follows one outgoing migration by QEMU's events, not by polling: every MIGRATION_PASS (a new pass
+        over the dirty RAM) is judged for convergence (`_escalate`); a MIGRATION status that ends it enqueues the
+        VMI for the reconcile that writes the outcome. Between events the timeouts are checked every second."""
+        try:
+            async with stream:
+                while True:
+                    try:
+                        event = await stream.get(timeout=TICK_SECONDS)
+                    except TimeoutError:
+                        event = None
+                    if event is not None and event.name == "MIGRATION":
+                        if event.data.get("status") in DONE:
+                            return
+                        continue
+                    info = await machine.query_migrate()
+                    if info.get("status") in DONE:
+                        return
+                    vmi = self.ctl._cached(key)
+                    if vmi is None or migration_state(vmi).get("migrationUid") != prog.uid:
+                        return
+                    await self._escalate(key, vmi, migration_state(vmi), machine, info, prog,
+                                         new_pass=event is not None)  # fmt: skip
+        except QMPDisconnectedError:
+            pass
+        except HypervisorError as err:
+            log.warning("following the migration of %s/%s: %s", *key, err)
+        finally:
+            self.ctl.enqueue(key)
 
     async def _start_source(self, key: Key, vmi: JSON, ms: JSON, machine: Machine, dest: str) -> float | None:
         cfg = ms.get("migrationConfiguration") or {}
-        params: JSON = {"downtime-limit": 300}
+        downtime = min(START_DOWNTIME_MS, max_downtime_ms(cfg))
+        params: JSON = {"downtime-limit": downtime}
         bandwidth = quantity.quantity_value(str(cfg.get("bandwidthPerMigration") or "0"))
         if bandwidth:
             params["max-bandwidth"] = bandwidth
@@ -267,74 +315,90 @@ class NodeMigrations:
                 await self._tls(machine, vmi, endpoint="client")
                 await machine.monitor_command("migrate-set-parameters", {"tls-creds": TLS_ID,
                                                                          "tls-hostname": ms["targetNodeAddress"]})
-            await machine.migrate(f"tcp:{dest}")
+            stream = machine.events({"MIGRATION", "MIGRATION_PASS"})  # before `migrate`: no event slips by
+            try:
+                await machine.migrate(f"tcp:{dest}")
+            except HypervisorError:
+                stream.close()
+                raise
         except HypervisorError as err:
             await self._write_state(key, {"failed": True, "failureReason": f"migrate: {err}",
                                           "endTimestamp": st.now_rfc3339()})  # fmt: skip
             return None
         now = time.monotonic()
-        self.progress[key] = Progress(now, now, str(ms.get("migrationUid")))
+        prog = self.progress[key] = Progress(now, now, str(ms.get("migrationUid")), downtime_ms=downtime)
+        self._follow(key, machine, prog, stream)
         await self._write_state(key, {"startTimestamp": st.now_rfc3339(), "mode": "PreCopy"})
         await self.ctl.recorder.event(vmi, "Normal", "Migrating",
                                       f"Live migration to {ms.get('targetNode')} ({dest}) started"
                                       f"{' over TLS' if tls else ''}")  # fmt: skip
-        log.info("migrating %s/%s", *key, extra={"to": dest, "tls": tls})
-        return POLL_SECONDS
+        log.info("migrating %s/%s", *key, extra={"to": dest, "tls": tls, "downtime_ms": downtime})
+        return None
 
-    async def _escalate(self, key: Key, vmi: JSON, ms: JSON, machine: Machine, info: JSON,
-                        prog: Progress) -> None:  # fmt: skip
-        """A migration that stops making progress (the RAM left to send no longer shrinks: a busy guest
-        dirties it as fast as it goes out, KubeVirt #3504) is escalated step by step, each step an event:
-        the downtime limit doubles up to MAX_DOWNTIME_MS; then, with allowAutoConverge, the vCPU throttle of
-        auto-converge is raised; then, with allowPostCopy, the migration switches to post-copy. Past
-        progressTimeout without progress, or completionTimeoutPerGiB x guest GiB in all, it is aborted."""
+    async def _escalate(self, key: Key, vmi: JSON, ms: JSON, machine: Machine, info: JSON, prog: Progress, *,
+                        new_pass: bool) -> None:  # fmt: skip
+        """A migration that does not converge (a busy guest dirties RAM as fast as it goes out, KubeVirt #3504)
+        is escalated step by step, each step an event: the downtime limit doubles up to maxDowntimeMs; then, with
+        allowAutoConverge, the vCPU throttle of auto-converge is raised; then, with allowPostCopy, the migration
+        switches to post-copy. Convergence is judged per pass, not per second: a slow stream that keeps sending
+        its first (bulk) pass is progressing, however long that takes; STALL_PASSES passes in a row whose start
+        finds no 10 % less RAM left than the best pass so far are not. Past progressTimeout without data moving,
+        or completionTimeoutPerGiB x guest GiB in all, the migration is aborted."""
         cfg = ms.get("migrationConfiguration") or {}
         ram = info.get("ram") or {}
         remaining = int(ram.get("remaining") or 0)
+        transferred = int(ram.get("transferred") or 0)
         now = time.monotonic()
-        if prog.best_remaining < 0 or remaining < prog.best_remaining * 0.9:
-            prog.best_remaining = remaining
+        if transferred > prog.transferred:
+            prog.transferred = transferred
             prog.last_progress = now
-            prog.last_step = now
-            return
         total = int(ram.get("total") or 0)
         # at least one GiB's worth: a small guest under a loaded TCG host still needs its seconds
         limit = float(cfg.get("completionTimeoutPerGiB") or 150) * max(total / 2**30, 1.0)
-        stalled_for = now - prog.last_progress
-        if stalled_for > float(cfg.get("progressTimeout") or 150) or now - prog.started > limit:
-            why = "no progress" if stalled_for > float(cfg.get("progressTimeout") or 150) else "completion timeout"
+        progress_timeout = float(cfg.get("progressTimeout") or 150)
+        if not prog.abort_sent and (now - prog.last_progress > progress_timeout or now - prog.started > limit):
+            why = "no progress" if now - prog.last_progress > progress_timeout else "completion timeout"
             prog.abort_sent = True
             await self._write_state(key, {"failureReason": f"migration aborted: {why}"})
             with contextlib.suppress(HypervisorError):
                 await machine.migrate_cancel()
             await self.ctl.recorder.event(vmi, "Warning", "MigrationTimeout", f"Migration aborted: {why}")
             return
-        if now - prog.last_step < STALL_SECONDS or prog.postcopy:
+        passes = int(ram.get("dirty-sync-count") or 0)
+        if not new_pass or prog.postcopy or prog.abort_sent or passes < 2:
             return
-        prog.last_step = now
+        if prog.best_remaining < 0 or remaining < prog.best_remaining * 0.9:
+            prog.best_remaining = remaining
+            prog.stall_passes = 0
+            return
+        prog.stall_passes += 1
+        if prog.stall_passes < STALL_PASSES:
+            return
+        prog.stall_passes = 0
         prog.step += 1
-        if prog.downtime_ms < MAX_DOWNTIME_MS:
-            prog.downtime_ms = min(MAX_DOWNTIME_MS, prog.downtime_ms * 2)
+        ceiling = max_downtime_ms(cfg)
+        why = f"Migration not converging (pass {passes}, {remaining} bytes dirty again)"
+        if prog.downtime_ms < ceiling:
+            prog.downtime_ms = min(ceiling, prog.downtime_ms * 2)
             await machine.monitor_command("migrate-set-parameters", {"downtime-limit": prog.downtime_ms})
-            await self.ctl.recorder.event(vmi, "Normal", "MigrationDowntimeRaised", (
-                f"Migration not converging ({remaining} bytes left): downtime limit raised to {prog.downtime_ms} ms"))
+            await self.ctl.recorder.event(vmi, "Normal", "MigrationDowntimeRaised",
+                                          f"{why}: downtime limit raised to {prog.downtime_ms} ms")
         elif cfg.get("allowAutoConverge") and not prog.throttled:
             prog.throttled = True
             await machine.monitor_command("migrate-set-parameters", {"cpu-throttle-initial": 50,
                                                                      "cpu-throttle-increment": 20})
             await self.ctl.recorder.event(vmi, "Normal", "MigrationAutoConverge",
-                                          "Migration not converging: auto-converge throttles the vCPUs harder")
+                                          f"{why}: auto-converge throttles the vCPUs harder")
         elif cfg.get("allowPostCopy"):
             prog.postcopy = True
             await machine.migrate_start_postcopy()
             await self._write_state(key, {"mode": "PostCopy"})
-            await self.ctl.recorder.event(vmi, "Normal", "MigrationPostCopy",
-                                          "Migration not converging: switched to post-copy")
+            await self.ctl.recorder.event(vmi, "Normal", "MigrationPostCopy", f"{why}: switched to post-copy")
 
     async def _report(self, vmi: JSON, prog: Progress, info: JSON) -> None:
         """QEMU's own figures, once, in an event (for operators and bench/migration.py)."""
-        if prog.reported or info.get("status") != "completed":
-            return
+        if prog.reported or info.get("status") != "completed" or not info.get("total-time"):
+            return  # QEMU sets "completed" a moment before it fills in its figures
         prog.reported = True
         ram = info.get("ram") or {}
         await self.ctl.recorder.event(vmi, "Normal", "MigrationCompleted", (
@@ -392,6 +456,10 @@ class NodeMigrations:
             obj.setdefault("status", {}).setdefault("migrationState", {}).update(fields)
 
         await self.ctl._write_vmi(key, mutate)
+
+
+def max_downtime_ms(cfg: JSON) -> int:
+    return max(1, int(cfg.get("maxDowntimeMs") or DEFAULT_MAX_DOWNTIME_MS))
 
 
 def capabilities(ms: JSON, *, target: bool) -> dict[str, bool]:

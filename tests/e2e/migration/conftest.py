@@ -68,12 +68,20 @@ class Env:
     def runtime_dir(self, node: str, name: str, namespace: str = "default") -> Path:
         return self.cluster.data_dir / "nodes" / node / "runtime" / f"{namespace}_{name}"
 
-    def ticks(self, node: str, name: str) -> list[tuple[int, float]]:
+    def guest_log(self, node: str, name: str) -> str:
         try:
-            text = (self.runtime_dir(node, name) / "guest.log").read_text(errors="replace")
+            return (self.runtime_dir(node, name) / "guest.log").read_text(errors="replace")
         except FileNotFoundError:
-            return []
-        return [(int(n), float(up)) for n, up in TICK.findall(text)]
+            return ""
+
+    def ticks(self, node: str, name: str) -> list[tuple[int, float]]:
+        return [(int(n), float(up)) for n, up in TICK.findall(self.guest_log(node, name))]
+
+    def events_of(self, name: str) -> list[dict[str, Any]]:
+        """The events about object `name`, oldest first."""
+        items = json.loads(self.kubectl("get", "events", "-o", "json").stdout)["items"]
+        return sorted((e for e in items if e["involvedObject"].get("name") == name),
+                      key=lambda e: (e["metadata"]["creationTimestamp"], e["metadata"]["name"]))
 
     def vmi_node(self, name: str) -> str:
         return ((self.get("vmi", name) or {}).get("status") or {}).get("nodeName", "")
@@ -86,12 +94,15 @@ class Env:
 
 
 def vm_manifest(name: str, image: str, *, memory: str = "128Mi", eviction: str | None = None,
-                labels: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+                labels: dict[str, str] | None = None, user_data: str | None = None) -> dict[str, Any]:  # fmt: skip
     spec: dict[str, Any] = {
         "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]},
                    "resources": {"requests": {"memory": memory}}},
         "volumes": [{"name": "root", "containerDisk": {"image": image}}],
     }
+    if user_data is not None:
+        spec["domain"]["devices"]["disks"].append({"name": "cloudinit", "disk": {"bus": "virtio"}})
+        spec["volumes"].append({"name": "cloudinit", "cloudInitNoCloud": {"userData": user_data}})
     if eviction:
         spec["evictionStrategy"] = eviction
     return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
