@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -169,6 +170,7 @@ class APIServer:
             extra = web.TCPSite(self._runner, host, self.bound_port, ssl_context=ssl_ctx, reuse_address=True,
                                 backlog=1024)
             await extra.start()
+        await self._ensure_kubernetes_service()
         self._ready.set()
         log.info("API server listening", extra={"host": self.config.host, "port": self.bound_port})
 
@@ -210,6 +212,67 @@ class APIServer:
             await self._serve_crd(crd_res, st.obj)
         await kubevirt.ensure_proxy_secret(self)
         self._tasks.append(asyncio.create_task(self._watch_crds(crd_res, page.revision)))
+
+    def _endpoint_address(self) -> str:
+        """Where in-cluster clients reach this server: the cluster bridge address when node agents live in their
+        own network namespaces, else the bind address (loopback on a single host: reachable from the host)."""
+        for host in (*self.config.extra_hosts, self.config.host):
+            if host not in ("0.0.0.0", "::", ""):
+                return host
+        return "127.0.0.1"
+
+    async def _ensure_kubernetes_service(self) -> None:
+        """kube-apiserver's bootstrap controller: `default/kubernetes`, a ClusterIP Service on the range's first
+        address, port 443 (`https`), with Endpoints and an EndpointSlice naming this server, so pods and guests
+        find the API by `kubernetes.default.svc` (cluster DNS) or the ClusterIP. Written on every start: the
+        port or address may have changed. With several API servers the last one started is named."""
+        svc_res = self.registry.lookup("", "v1", "services")
+        ep_res = self.registry.lookup("", "v1", "endpoints")
+        slice_res = self.registry.lookup("discovery.k8s.io", "v1", "endpointslices")
+        if svc_res is None or ep_res is None or slice_res is None:
+            return
+        opts = objects.WriteOptions(field_manager="virtplane-apiserver", field_validation="Ignore")
+        labels = {"component": "apiserver", "provider": "kubernetes"}
+        service = {"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "kubernetes", "namespace": "default", "labels": labels},
+                   "spec": {"type": "ClusterIP", "sessionAffinity": "None",
+                            "clusterIP": serviceips.kubernetes_service_ip(self.config.service_cidr),
+                            "ports": [{"name": "https", "port": 443, "protocol": "TCP",
+                                       "targetPort": self.bound_port}]}}  # fmt: skip
+        ip, port = self._endpoint_address(), self.bound_port
+        endpoints = {"apiVersion": "v1", "kind": "Endpoints",
+                     "metadata": {"name": "kubernetes", "namespace": "default",
+                                  "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+                     "subsets": [{"addresses": [{"ip": ip}],
+                                  "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]}  # fmt: skip
+        endpoint_slice = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                          "metadata": {"name": "kubernetes", "namespace": "default",
+                                       "labels": {"kubernetes.io/service-name": "kubernetes"}},
+                          "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
+                          "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}  # fmt: skip
+        # what each object's content is; the rest (metadata, a Service's allocated addresses) stays as stored
+        wanted = ((svc_res, service, {"ports": service["spec"]["ports"]}, "spec"),
+                  (ep_res, endpoints, {"subsets": endpoints["subsets"]}, ""),
+                  (slice_res, endpoint_slice, {"endpoints": endpoint_slice["endpoints"],
+                                               "ports": endpoint_slice["ports"]}, ""))
+        try:
+            for res, obj, fields, under in wanted:
+                existing = await self.objects.try_get(res, "default", "kubernetes")
+                if existing is None:
+                    await self.objects.create(res, "default", copy.deepcopy(obj), opts)
+                    continue
+                part = (existing.get(under) or {}) if under else existing
+                if all(part.get(k) == v for k, v in fields.items()):
+                    continue
+
+                def update(o: JSON, fields: JSON = fields, under: str = under) -> JSON:
+                    (o.setdefault(under, {}) if under else o).update(copy.deepcopy(fields))
+                    return o
+
+                await self.objects.guaranteed_update(res, "default", "kubernetes", update)
+        except errors.StatusError as exc:
+            # e.g. the address is taken by a user's Service created before this existed: say so, serve anyway
+            log.warning("cannot maintain the default/kubernetes Service: %s", exc)
 
     async def _serve_crd(self, crd_res: resources.Resource, crd: JSON) -> None:
         name = crd["metadata"]["name"]

@@ -44,6 +44,11 @@ class ServiceNetwork:
         return net
 
 
+def kubernetes_service_ip(cidr: str) -> str:
+    """The first address of the Service range: the `kubernetes` Service's ClusterIP, as in Kubernetes."""
+    return str(ServiceNetwork(cidr).network.network_address + 1)
+
+
 def _ip_key(ip: str) -> str:
     return f"{PREFIX}clusterips/{ip}"
 

@@ -73,7 +73,9 @@ def prepare_apiserver(args: argparse.Namespace, extra_hosts: tuple[str, ...] = (
                       ) -> tuple[server.APIServer, pki.ServingCert, str]:  # fmt: skip
     data: Path = args.data_dir.expanduser().resolve()
     data.mkdir(parents=True, exist_ok=True)
-    sans = [*args.tls_san, *extra_hosts]
+    # As kube-apiserver's certificate: the `kubernetes` Service's ClusterIP and names, for in-cluster clients.
+    sans = [*args.tls_san, *extra_hosts, serviceips.kubernetes_service_ip(args.service_cluster_ip_range),
+            "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
     if args.bind_address not in ("0.0.0.0", "::"):
         sans.append(args.bind_address)
     certs = pki.ensure_pki(data / "pki", sans)

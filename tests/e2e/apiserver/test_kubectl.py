@@ -34,6 +34,23 @@ def test_readyz_and_version(cluster: Cluster) -> None:
     assert server["major"] == "1" and "virtplane" in server["gitVersion"]
 
 
+def test_the_kubernetes_service_names_the_api_server(cluster: Cluster) -> None:
+    """`kubectl get svc,endpoints kubernetes`: what every cluster has, pointing at this API server's port."""
+    out = cluster.kubectl("get", "svc", "kubernetes", "-n", "default").stdout
+    assert "10.96.0.1" in out and "443/TCP" in out, out
+    port = cluster.config()[0].rsplit(":", 1)[1]
+    eps = cluster.kubectl("get", "endpoints", "kubernetes", "-n", "default",
+                          "-o", "jsonpath={.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}").stdout
+    assert eps == f"127.0.0.1:{port}", eps
+    # the serving certificate is valid for the in-cluster names, as kube-apiserver's is
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((cluster.data_dir / "pki" / "apiserver.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "kubernetes.default.svc" in san.get_values_for_type(x509.DNSName)
+    assert "10.96.0.1" in [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+
+
 def test_api_resources_lists_kubevirt_kinds_with_short_names(cluster: Cluster) -> None:
     out = cluster.kubectl("api-resources", "--no-headers").stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}

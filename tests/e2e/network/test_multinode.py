@@ -127,3 +127,35 @@ def test_vm_to_vm_across_nodes(cluster: tuple[Cluster, str]) -> None:
     assert f"E2E-DNS svc={cluster_ip} pod={pod_ip}" in text, text[-3000:]
     assert "E2E-POD-IP hello-from-server" in text, text[-3000:]  # node 1 → node 2 by pod IP
     assert "E2E-CLUSTER-IP hello-from-server" in text, text[-3000:]  # DNAT on node 1 → endpoint on node 2
+
+
+def test_kubernetes_service_reaches_the_api_from_a_node(cluster: tuple[Cluster, str]) -> None:
+    """`default/kubernetes`, as every Kubernetes cluster has it: ClusterIP the range's first address, port 443,
+    Endpoints naming the API server where nodes reach it; from a node's netns `https://kubernetes.default.svc`
+    (through the node's Service DNAT) answers, its certificate valid for that name."""
+    import ipaddress
+
+    from virtplane.network.nodenet import ClusterNetwork
+
+    c, _image = cluster
+    svc = kget(c, "svc", "kubernetes", "-n", "default")
+    assert svc["spec"]["clusterIP"] == "10.96.0.1", svc["spec"]
+    assert svc["spec"]["ports"][0]["port"] == 443 and svc["spec"]["ports"][0]["name"] == "https"
+    net = c.node_network()
+    ep = kget(c, "endpoints", "kubernetes", "-n", "default")
+    address = ep["subsets"][0]["addresses"][0]["ip"]
+    assert address == net["gateway"], ep  # the API server's address on the cluster bridge, not loopback
+    _server, token, _ca = c.config()
+    ns = ClusterNetwork(net["tag"], ipaddress.ip_network(net["subnet"])).namespace(1)
+
+    ca = str(c.data_dir / "pki" / "ca.crt")
+
+    def version() -> Any:
+        p = subprocess.run(
+            ["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "5", "--cacert", ca,
+             "--resolve", "kubernetes.default.svc:443:10.96.0.1", "-H", f"Authorization: Bearer {token}",
+             "https://kubernetes.default.svc/version"], capture_output=True, text=True)  # fmt: skip
+        return json.loads(p.stdout) if p.returncode == 0 else None
+
+    got = wait_for(version, 60, "https://kubernetes.default.svc/version from node 1's netns")
+    assert got["gitVersion"].startswith("v1."), got
