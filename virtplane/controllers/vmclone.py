@@ -16,17 +16,22 @@ The target VM: the source's spec with
   when they match the filters: KubeVirt's wildcard patterns, `!` to exclude; default keep all.
 Containerdisks, cloud-init and other ephemeral volumes are copied as they are.
 
-Not implemented: `patches` (JSON patches on the target; a clone that has any fails with a clear message),
-`volumeNamePolicy`, cloning a running VM (KubeVirt's online snapshot: the clone waits for the source to stop).
+- then `patches`: each string one JSON patch operation (RFC 6902) on the target VM, applied in order, as
+  KubeVirt does; one that is not JSON or does not apply fails the clone naming it.
+
+Not implemented: `volumeNamePolicy`, cloning a running VM (KubeVirt's online snapshot: the clone waits for
+the source to stop).
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import logging
 from typing import Any
 
+from virtplane.api import patch
 from virtplane.client import events, informer, rest
 from virtplane.controllers import vmi as vmi_ctrl
 
@@ -78,8 +83,29 @@ def target_name(clone: JSON) -> str:
     return target.get("name") or f"clone-{clone['metadata']['uid'][:8]}"
 
 
+class PatchesError(ValueError):
+    """`spec.patches` cannot be applied to the target: the message names the patch and why."""
+
+
+def apply_patches(vm: JSON, patches: list[Any]) -> JSON:
+    """KubeVirt's clone patches: each entry a JSON string of one JSON patch operation, applied in order."""
+    ops = []
+    for i, text in enumerate(patches):
+        try:
+            op = json.loads(text) if isinstance(text, str) else None
+        except ValueError as exc:
+            raise PatchesError(f"spec.patches[{i}] is not JSON: {exc}") from None
+        if not isinstance(op, dict):
+            raise PatchesError(f"spec.patches[{i}] must be one JSON patch operation (an object), got {text!r}")
+        ops.append(op)
+    try:
+        return dict(patch.json_patch(vm, ops))
+    except patch.PatchError as exc:
+        raise PatchesError(f"spec.patches do not apply to the target VM: {exc}") from None
+
+
 def target_vm(clone: JSON, source: JSON) -> JSON:
-    """The target VM (pure): see the module docstring."""
+    """The target VM (pure): see the module docstring. PatchesError when `spec.patches` cannot be applied."""
     spec = clone.get("spec") or {}
     name = target_name(clone)
     smeta = source["metadata"]
@@ -113,7 +139,7 @@ def target_vm(clone: JSON, source: JSON) -> JSON:
         firmware.pop("serial", None)
     if spec.get("newSMBiosSerial"):
         tspec.setdefault("domain", {}).setdefault("firmware", {})["serial"] = spec["newSMBiosSerial"]
-    return {
+    vm = {
         "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
         "metadata": {"name": name, "namespace": smeta.get("namespace"),
                      "labels": _filtered(smeta.get("labels"), spec.get("labelFilters")),
@@ -123,6 +149,7 @@ def target_vm(clone: JSON, source: JSON) -> JSON:
                                      and not k.startswith("kubevirt.io/storage-observed-api-version")}},
         "spec": vm_spec,
     }
+    return apply_patches(vm, spec["patches"]) if spec.get("patches") else vm
 
 
 class VMCloneController:
@@ -173,8 +200,6 @@ class VMCloneController:
         if source_ref.get("kind") != "VirtualMachine":
             return await self._fail(clone, "UnsupportedSource",
                                     f"source kind {source_ref.get('kind')!r} is not supported: use VirtualMachine")
-        if spec.get("patches"):
-            return await self._fail(clone, "UnsupportedPatches", "spec.patches is not supported by virtplane yet")
         target_ref = spec.get("target") or {}
         if target_ref.get("kind") not in (None, "VirtualMachine"):
             return await self._fail(clone, "UnsupportedTarget", "the target must be a VirtualMachine")
@@ -188,6 +213,10 @@ class VMCloneController:
                 return 5.0
             if target is not None:
                 return await self._fail(clone, "TargetExists", f"target VM {name} already exists")
+            try:
+                target_vm(clone, source)  # patches that cannot apply fail the clone before anything is made
+            except PatchesError as exc:
+                return await self._fail(clone, "InvalidPatches", str(exc))
             try:
                 vmi = await self.client.get(VMIS, source["metadata"]["name"], ns)
             except rest.NotFound:
@@ -216,7 +245,10 @@ class VMCloneController:
 
     async def _create_target(self, clone: JSON, source: JSON) -> float | None:
         ns = source["metadata"].get("namespace") or ""
-        body = target_vm(clone, source)
+        try:
+            body = target_vm(clone, source)
+        except PatchesError as exc:
+            return await self._fail(clone, "InvalidPatches", str(exc))
         try:
             target = await self.client.create(VMS, body, ns)
         except rest.Conflict:

@@ -105,7 +105,12 @@ def test_clone_stopped_vm(cluster: Cluster, image: str, tmp_path: Path) -> None:
         cluster.kubectl("apply", "-f", "-", input=clone("c1", "src", "dst", labelFilters=["*", "!team"],
                                                         annotationFilters=["keep/*"],
                                                         template={"labelFilters": ["kubevirt.io/*"]},
-                                                        newSMBiosSerial="DST-SERIAL"))
+                                                        newSMBiosSerial="DST-SERIAL",
+                                                        patches=['{"op": "add", "path": "/metadata/labels/cloned", '
+                                                                 '"value": "yes"}',
+                                                                 '{"op": "replace", "path": "/spec/template/spec/'
+                                                                 'domain/resources/requests/memory", '
+                                                                 '"value": "160Mi"}']))
         wait_for(lambda: phase("c1") in ("Succeeded", "Failed"), STEP, interval=0.1, what="clone c1 done")
         status = (get(cluster, "vmclone", "c1") or {})["status"]
         assert status["phase"] == "Succeeded", status
@@ -113,12 +118,13 @@ def test_clone_stopped_vm(cluster: Cluster, image: str, tmp_path: Path) -> None:
         assert any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"]), status
 
         dst = get(cluster, "vm", "dst") or {}
-        assert dst["metadata"]["labels"] == {"app": "db"}
+        assert dst["metadata"]["labels"] == {"app": "db", "cloned": "yes"}  # filters, then the patches
         assert dst["metadata"]["annotations"].get("keep/me") == "1" and "drop/me" not in dst["metadata"]["annotations"]
         tmpl = dst["spec"]["template"]
         assert tmpl["metadata"]["labels"] == {"kubevirt.io/vm": "dst"}
         assert "macAddress" not in tmpl["spec"]["domain"]["devices"]["interfaces"][0]
         assert tmpl["spec"]["domain"]["firmware"]["serial"] == "DST-SERIAL"
+        assert tmpl["spec"]["domain"]["resources"]["requests"]["memory"] == "160Mi"
         data = next(v for v in tmpl["spec"]["volumes"] if v["name"] == "data")
         claim = data["dataVolume"]["name"]
         assert claim.startswith("restore-") and claim != "data-src"
@@ -131,6 +137,14 @@ def test_clone_stopped_vm(cluster: Cluster, image: str, tmp_path: Path) -> None:
         wait_for(lambda: phase("c2") == "Failed", STEP, what="clone c2 Failed")
         ready = next(c for c in (get(cluster, "vmclone", "c2") or {})["status"]["conditions"] if c["type"] == "Ready")
         assert ready["reason"] == "TargetExists", ready
+
+        # a patch that does not apply fails the clone, naming it, and makes nothing
+        cluster.kubectl("apply", "-f", "-", input=clone("c4", "src", "dst4",
+                                                        patches=['{"op": "remove", "path": "/spec/nothing"}']))
+        wait_for(lambda: phase("c4") == "Failed", STEP, what="clone c4 Failed")
+        ready = next(c for c in (get(cluster, "vmclone", "c4") or {})["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "InvalidPatches" and "/spec/nothing" in ready["message"], ready
+        assert get(cluster, "vm", "dst4") is None
 
         # the clone boots, with a MAC of its own
         virtctl(cluster, "start", "dst")

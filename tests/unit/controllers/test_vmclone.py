@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from virtplane.controllers import vmclone
 
 
@@ -40,3 +44,23 @@ def test_target_vm() -> None:
                                 {"name": "pvc", "dataVolume": {"name": "restore-01234567-pvc"}},
                                 {"name": "ci", "cloudInitNoCloud": {"userData": "x"}}]
     assert source["spec"]["template"]["spec"]["volumes"][0] == {"name": "root", "dataVolume": {"name": "d"}}
+
+
+def test_target_vm_patches() -> None:
+    source = {"metadata": {"name": "src", "namespace": "ns"},
+              "spec": {"template": {"spec": {"domain": {"cpu": {"cores": 1}}}}}}
+    patches = ['{"op": "replace", "path": "/spec/template/spec/domain/cpu/cores", "value": 2}',
+               '{"op": "add", "path": "/metadata/labels/cloned", "value": "yes"}',
+               '{"op": "add", "path": "/spec/runStrategy", "value": "Always"}']
+    clone = {"metadata": {"name": "c", "uid": "0123456789abcdef"}, "spec": {"target": {"name": "dst"},
+                                                                        "patches": patches}}
+    vm = vmclone.target_vm(clone, source)
+    assert vm["spec"]["template"]["spec"]["domain"]["cpu"] == {"cores": 2}
+    assert vm["metadata"]["labels"] == {"cloned": "yes"} and vm["spec"]["runStrategy"] == "Always"
+    assert source["spec"]["template"]["spec"]["domain"]["cpu"] == {"cores": 1}  # the source is untouched
+    for bad, says in (("not json", "spec.patches[0] is not JSON"),
+                      ('["op"]', "must be one JSON patch operation"),
+                      ('{"op": "remove", "path": "/spec/nope"}', "do not apply to the target VM")):
+        clone["spec"]["patches"] = [bad]
+        with pytest.raises(vmclone.PatchesError, match=re.escape(says)):
+            vmclone.target_vm(clone, source)
