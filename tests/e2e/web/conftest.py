@@ -17,13 +17,17 @@ from typing import Any
 
 import pytest
 
-from virtplane.testing import guest
+from virtplane.testing import containers, guest
 from virtplane.testing.cluster import REPO, Cluster
 from virtplane.web import serve
 
 VM = "web-vm"
 BULK = ("web-bulk-a", "web-bulk-b")
 HOT = "web-hot"
+NICS = "web-nics"  # a stopped VM whose NICs and clone the tests edit
+CLONE = "web-nics-copy"
+NAD = "web-nad"
+LOGS_POD = "web-logs"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "web"
 # Headless Chromium as root on a machine with no outside network: without the background-networking flags it
@@ -33,16 +37,30 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[str]:
+def registry(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[tuple[guest.Registry, str]]:
     """A registry with the tiny containerDisk. Set up before the browser: Playwright's sync API runs its own
     event loop in this thread, and pushing the image uses asyncio.run."""
-    with guest.registry_with_containerdisk(tmp_path_factory.mktemp("web-registry")) as (_reg, ref):
+    with guest.registry_with_containerdisk(tmp_path_factory.mktemp("web-registry")) as (reg, ref):
         try:
-            yield ref
+            yield reg, ref
         finally:
             # a leftover running VM would burn the shared CPUs for every later test
-            cluster.kubectl("delete", "vm", VM, *BULK, "--ignore-not-found", "--wait=false", check=False)
+            cluster.kubectl("delete", "vm", VM, *BULK, NICS, CLONE, "--ignore-not-found", "--wait=false",
+                            check=False)  # fmt: skip
             cluster.kubectl("delete", "dv", HOT, "--ignore-not-found", "--wait=false", check=False)
+            cluster.kubectl("delete", "pod", LOGS_POD, "--ignore-not-found", "--wait=false", check=False)
+            cluster.kubectl("delete", "network-attachment-definitions", NAD, "--ignore-not-found", check=False)
+
+
+@pytest.fixture(scope="module")
+def image(registry: tuple[guest.Registry, str]) -> str:
+    return registry[1]
+
+
+@pytest.fixture(scope="module")
+def busybox(registry: tuple[guest.Registry, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A busybox container image in the same registry, for a pod whose log the Pods page shows."""
+    return containers.push_busybox_image(registry[0].host, tmp_path_factory.mktemp("web-busybox"))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +112,7 @@ def launch_browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def browser(image: str, image_url: str) -> Iterator[Any]:
+def browser(image: str, image_url: str, busybox: str) -> Iterator[Any]:
     with launch_browser() as b:
         yield b
 
@@ -106,18 +124,29 @@ def login(page: Any, server: str, token: str) -> None:
     page.locator("h1", has_text="VirtualMachines").wait_for()
 
 
-@pytest.fixture(scope="module")
-def page(browser: Any, cluster: Cluster) -> Iterator[Any]:
-    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1000})
+def new_page(ctx: Any) -> Any:
     pg = ctx.new_page()
     pg.set_default_timeout(30_000)
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.console_errors = errors  # type: ignore[attr-defined]
+    return pg
+
+
+@pytest.fixture(scope="module")
+def context(browser: Any) -> Iterator[Any]:
+    # clipboard permissions: the "Copy" buttons write to the clipboard and the tests read it back
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1000},
+                              permissions=["clipboard-read", "clipboard-write"])  # fmt: skip
     try:
-        yield pg
+        yield ctx
     finally:
         ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(context: Any, cluster: Cluster) -> Any:
+    return new_page(context)
 
 
 def shot(page: Any, name: str) -> Path:

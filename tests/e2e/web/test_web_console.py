@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.web.conftest import BULK, HOT, VM, shot
+from tests.e2e.web.conftest import BULK, CLONE, HOT, LOGS_POD, NAD, NICS, VM, login, new_page, shot
 from virtplane.testing.cluster import Cluster
+from virtplane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 BOOT_MS = 240_000  # a TCG guest on a loaded 2-core machine
@@ -90,8 +91,8 @@ def test_serial_console_shows_login_and_runs_a_command(page: Any) -> None:
                            ".innerText.includes('web-42')", timeout=60_000)
 
 
-def test_vnc_canvas_has_pixels(page: Any) -> None:
-    page.get_by_test_id("vnc-state").filter(has_text="connected").wait_for()
+def vnc_lit_pixels(page: Any) -> int:
+    """Waits (up to 30 s) for the VNC canvas to show more than 100 lit pixels; returns the count."""
     lit = 0
     for _ in range(30):
         lit = page.evaluate("""() => {
@@ -105,8 +106,83 @@ def test_vnc_canvas_has_pixels(page: Any) -> None:
         if lit > 100:
             break
         page.wait_for_timeout(1000)
+    return lit
+
+
+def test_vnc_canvas_has_pixels(page: Any) -> None:
+    page.get_by_test_id("vnc-state").filter(has_text="connected").wait_for()
+    lit = vnc_lit_pixels(page)
     assert lit > 100, f"VNC canvas has only {lit} lit pixels"
     shot(page, "04-vm-console")
+
+
+def serial_shows(page: Any, text: str) -> None:
+    page.wait_for_function("(t) => document.querySelector('[data-testid=serial-console] .xterm-rows')"
+                           ".innerText.includes(t)", arg=text, timeout=60_000)
+
+
+def test_two_viewers_share_the_serial_and_vnc_consoles(page: Any, context: Any, cluster: Cluster) -> None:
+    """A second browser tab on the same VM's consoles: both see the serial output whoever types, and both VNC
+    viewers stay connected (the server fans the serial console out and keeps VNC shared)."""
+    server, token, _ = cluster.config()
+    other = new_page(context)
+    try:
+        login(other, server, token)  # the token lives in sessionStorage: per tab
+        other.goto(f"{server}/console/#/vms/default/{VM}/console")
+        other.get_by_test_id("serial-state").filter(has_text="connected").wait_for()
+        other.get_by_test_id("vnc-state").filter(has_text="connected").wait_for()
+        page.locator('[data-testid="serial-console"] .xterm').click()
+        page.keyboard.type("echo two-$((3*5))\n")
+        serial_shows(page, "two-15")
+        serial_shows(other, "two-15")
+        other.locator('[data-testid="serial-console"] .xterm').click()
+        other.keyboard.type("echo back-$((2*8))\n")
+        serial_shows(other, "back-16")
+        serial_shows(page, "back-16")
+        assert vnc_lit_pixels(other) > 100
+        shot(other, "04b-vm-console-second-viewer")
+        # the first tab's viewers were not kicked out by the second's
+        assert page.get_by_test_id("serial-state").inner_text() == "connected"
+        assert page.get_by_test_id("vnc-state").inner_text() == "connected"
+        assert not other.console_errors, other.console_errors
+    finally:
+        other.close()
+
+
+def test_migrate_on_a_single_node_cluster(page: Any, cluster: Cluster) -> None:
+    """One node: the Migrate action is disabled with the server's LiveMigratable message, or, when the VM is
+    migratable, its dialog says there is no node to migrate to and will not submit."""
+    def live_migratable() -> dict[str, Any] | None:
+        vmi = json.loads(cluster.kubectl("get", "vmi", VM, "-o", "json").stdout)
+        return next((c for c in vmi["status"].get("conditions") or [] if c["type"] == "LiveMigratable"), None)
+
+    cond = wait_for(live_migratable, 60, what="the VMI's LiveMigratable condition")
+    button = page.get_by_role("button", name="Migrate", exact=True)
+    if cond["status"] != "True":
+        page.get_by_test_id("migrate-disabled-reason").filter(has_text=cond["message"]).wait_for()
+        assert button.is_disabled()
+    else:
+        button.click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("No other Ready, schedulable node").wait_for()
+        assert dialog.get_by_role("button", name="Migrate", exact=True).is_disabled()
+        dialog.get_by_role("button", name="Cancel").click()
+    shot(page, "04c-vm-migrate-single-node")
+
+
+def test_copy_virtctl_ssh_command(page: Any) -> None:
+    page.get_by_role("button", name="Copy virtctl ssh command").click()
+    dialog = page.get_by_role("dialog")
+    command = dialog.get_by_label("Copyable input")
+    assert command.input_value() == f"virtctl ssh -n default root@vm/{VM}"
+    dialog.get_by_label("SSH user").fill("alice")
+    expected = f"virtctl ssh -n default alice@vm/{VM}"
+    page.wait_for_function("(want) => document.querySelector('[role=dialog] input[aria-label=\"Copyable input\"]')"
+                           ".value === want", arg=expected)
+    dialog.get_by_role("button", name="Copy to clipboard").click()
+    page.wait_for_function("async (want) => (await navigator.clipboard.readText()) === want", arg=expected)
+    shot(page, "04d-vm-ssh-command")
+    dialog.get_by_role("contentinfo").get_by_role("button", name="Close").click()
 
 
 def test_yaml_edit_conflict_is_explained(page: Any, cluster: Cluster) -> None:
@@ -147,6 +223,65 @@ def test_hotplug_a_disk_from_the_configuration_tab(page: Any, cluster: Cluster) 
     disks.locator("tr", has_text=HOT).wait_for(state="detached", timeout=120_000)
 
 
+def vm_spec(cluster: Cluster, name: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", "vm", name, "-o", "json").stdout)["spec"]["template"]["spec"]
+
+
+def test_nics_add_and_remove_from_the_configuration_tab(page: Any, cluster: Cluster, image: str) -> None:
+    """As `virtctl addinterface`/`removeinterface`: a bridge NIC on a NAD is added to the VM's template, then
+    marked absent. The VM is stopped: the session cluster has no secondary network to plug it into."""
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition", "metadata": {"name": NAD},
+        "spec": {"config": json.dumps({"cniVersion": "1.0.0", "name": NAD, "plugins": [
+            {"type": "bridge", "bridge": "vpwebnad0", "ipam": {}}]})}}))
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": NICS},
+        "spec": {"runStrategy": "Halted", "template": {"spec": {
+            "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}],
+                                   "interfaces": [{"name": "default", "masquerade": {}}]},
+                       "resources": {"requests": {"memory": "128Mi"}}},
+            "networks": [{"name": "default", "pod": {}}],
+            "volumes": [{"name": "root", "containerDisk": {"image": image}}]}}}}))
+    page.goto(page.url.split("#")[0] + f"#/vms/default/{NICS}/configuration")
+    nics = page.locator('table[aria-label="Configured network interfaces"]')
+    nics.locator("tr", has_text="pod network").wait_for()
+    page.wait_for_function(f"() => [...document.querySelectorAll('option')].some(o => o.value === '{NAD}')")
+    page.get_by_label("Network attachment definition").select_option(NAD)
+    page.get_by_label("Interface name").fill("default")
+    page.get_by_role("button", name="Add network interface").click()
+    page.get_by_text("Unable to add interface [default] because an interface or network with that name already "
+                     "exists").wait_for()
+    page.get_by_label("Interface name").fill("sec")
+    page.get_by_role("button", name="Add network interface").click()
+    nics.locator("tr", has_text=f"multus: {NAD}").filter(has_text="bridge").wait_for()
+    spec = vm_spec(cluster, NICS)
+    assert {"name": "sec", "bridge": {}} in spec["domain"]["devices"]["interfaces"]
+    assert {"name": "sec", "multus": {"networkName": NAD}} in spec["networks"]
+    shot(page, "05c-vm-configuration-nics")
+    assert page.locator('[data-remove-nic="default"]').count() == 0  # the pod network's NIC cannot be unplugged
+    page.locator('[data-remove-nic="sec"]').click()
+    nics.locator("tr", has_text="sec").filter(has_text="absent").wait_for()
+    iface = next(i for i in vm_spec(cluster, NICS)["domain"]["devices"]["interfaces"] if i["name"] == "sec")
+    assert iface.get("state") == "absent"
+
+
+def test_clone_from_the_list(page: Any, cluster: Cluster) -> None:
+    """A VirtualMachineClone of the stopped VM: its progress shows in the dialog and the new VM in the list."""
+    page.goto(page.url.split("#")[0] + "#/vms")
+    wait_status(page, NICS, "Stopped")
+    row(page, NICS).get_by_role("button", name=re.compile("kebab|actions", re.I)).click()
+    page.get_by_role("menuitem", name="Clone", exact=True).click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name of the new VirtualMachine").fill(CLONE)
+    dialog.get_by_role("button", name="Clone", exact=True).click()
+    dialog.locator('[data-testid="clone-progress"][data-phase="Succeeded"]').wait_for(timeout=120_000)
+    shot(page, "05d-vm-clone")
+    dialog.get_by_role("contentinfo").get_by_role("button", name="Close").click()
+    wait_status(page, CLONE, "Stopped", 60_000)
+    nets = vm_spec(cluster, CLONE)["networks"]
+    assert {"name": "sec", "multus": {"networkName": NAD}} in nets  # the source's spec, NICs included
+
+
 @pytest.mark.parametrize(("route", "heading", "name"), [
     ("overview", "Overview", "10-overview"), ("storage", "Storage", "11-storage"), ("nodes", "Nodes", "12-nodes"),
     ("pods", "Pods", "13-pods"), ("migrations", "Migrations", "14-migrations"),
@@ -157,6 +292,29 @@ def test_other_pages_render(page: Any, route: str, heading: str, name: str) -> N
     page.wait_for_timeout(500)
     shot(page, name)
     assert not page.console_errors, page.console_errors
+
+
+def test_pod_logs(page: Any, cluster: Cluster, busybox: str) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": LOGS_POD},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "talker", "image": busybox,
+            "command": ["sh", "-c", "echo hello-from-web-$((40+2)); exec sleep 3600"]}]}}))
+    page.goto(page.url.split("#")[0] + "#/pods")
+    pod = page.locator(f'tr[data-pod="{LOGS_POD}"]')
+    pod.filter(has_text="Running").wait_for(timeout=120_000)
+    pod.get_by_role("button", name="Logs").click()
+    dialog = page.get_by_role("dialog")
+    log = dialog.get_by_test_id("pod-log")
+    for _ in range(30):  # the container's first line may land just after Running
+        if "hello-from-web-42" in log.inner_text():
+            break
+        dialog.get_by_role("button", name="Refresh").click()
+        page.wait_for_timeout(1000)
+    assert "hello-from-web-42" in log.inner_text(), log.inner_text()
+    shot(page, "13b-pod-logs")
+    dialog.get_by_role("contentinfo").get_by_role("button", name="Close").click()
+    cluster.kubectl("delete", "pod", LOGS_POD, "--wait=false")
 
 
 def _row_action(page: Any, name: str, action: str) -> None:

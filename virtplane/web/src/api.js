@@ -82,6 +82,8 @@ export const R = {
   storageClasses: { group: 'storage.k8s.io', plural: 'storageclasses' },
   storageProfiles: { group: 'cdi.kubevirt.io', version: 'v1beta1', plural: 'storageprofiles' },
   deployments: { group: 'apps', plural: 'deployments' },
+  clones: { group: 'clone.kubevirt.io', version: 'v1beta1', plural: 'virtualmachineclones' },
+  nads: { group: 'k8s.cni.cncf.io', plural: 'network-attachment-definitions' },
 };
 
 export function vmAction(ns, name, action) {

@@ -1,8 +1,7 @@
 import { Card, CardBody, CardTitle, Gallery, Label, PageSection, Title } from '@patternfly/react-core';
 import { R, useWatch } from '../api.js';
 import { EventsTable } from './VMDetails.jsx';
-import { nodeReady } from './Lists.jsx';
-import { StatusLabel, vmStatus } from './common.jsx';
+import { StatusLabel, nodeReady, vmStatus } from './common.jsx';
 
 function Stat({ title, children }) {
   return <Card isCompact><CardTitle>{title}</CardTitle><CardBody>{children}</CardBody></Card>;

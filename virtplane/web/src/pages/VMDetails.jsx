@@ -2,12 +2,15 @@ import { useEffect, useMemo, useState } from 'react';
 import {
   Alert, Button, DescriptionList, DescriptionListDescription, DescriptionListGroup, DescriptionListTerm, Label,
   PageSection, Tab, TabTitleText, Tabs, TextArea, Title, Toolbar, ToolbarContent, ToolbarItem, Breadcrumb,
-  BreadcrumbItem, Checkbox, FormSelect, FormSelectOption,
+  BreadcrumbItem, Checkbox, FormSelect, FormSelectOption, TextInput,
 } from '@patternfly/react-core';
 import { Table, Tbody, Td, Th, Thead, Tr } from '@patternfly/react-table';
 import * as yaml from 'js-yaml';
-import { R, age, getText, request, resourcePath, useWatch } from '../api.js';
-import { ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, runAction, vmStatus } from './common.jsx';
+import { R, age, get, getText, request, resourcePath, useWatch } from '../api.js';
+import {
+  ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, condition, migratable, runAction, vmStatus,
+} from './common.jsx';
+import { ActionDialog } from './VMActions.jsx';
 import { SerialConsole, VNCConsole } from './Consoles.jsx';
 
 const TABS = ['overview', 'configuration', 'yaml', 'events', 'console', 'diagnostics'];
@@ -77,6 +80,125 @@ function OverviewTab({ vm, vmi }) {
           return [n.name, Object.keys(n).find((k) => !['name', 'macAddress', 'model', 'ports'].includes(k)) || '',
             s.mac || n.macAddress || '', (s.ipAddresses || (s.ipAddress ? [s.ipAddress] : [])).join(', ')];
         })} />
+    </>
+  );
+}
+
+// NIC hotplug exactly as `virtctl addinterface`/`removeinterface` do it (virtplane/cli/virtctl.py, api/hotplug.py):
+// the VM template's interfaces and networks are replaced by a JSON patch guarded by a resourceVersion test op
+// (retried when the VM changed meanwhile); the VM controller then plugs or unplugs the NIC of the running VMI.
+// A hot-pluggable NIC is the bridge binding on a multus network; removing one marks it `state: absent`.
+class Refused extends Error {}
+
+const ifacesOf = (spec) => ((spec.domain && spec.domain.devices && spec.domain.devices.interfaces) || []);
+const networkOf = (spec, n) => (spec.networks || []).find((x) => x.name === n) || {};
+const nicHotpluggable = (spec, iface) => {
+  const m = networkOf(spec, iface.name).multus;
+  return 'bridge' in iface && Boolean(m) && !m.default;
+};
+
+function addInterface(spec, iface, network) {
+  const n = iface.name;
+  if (!n) throw new Refused('an interface to add needs a name');
+  if (ifacesOf(spec).some((i) => i.name === n) || (spec.networks || []).some((x) => x.name === n)) {
+    throw new Refused(`Unable to add interface [${n}] because an interface or network with that name already exists`);
+  }
+  spec.domain = spec.domain || {};
+  spec.domain.devices = spec.domain.devices || {};
+  spec.domain.devices.interfaces = [...ifacesOf(spec), iface];
+  spec.networks = [...(spec.networks || []), network];
+}
+
+function removeInterface(spec, n) {
+  const iface = ifacesOf(spec).find((i) => i.name === n);
+  if (!iface) throw new Refused(`Unable to remove interface [${n}] because it does not exist`);
+  if (!nicHotpluggable(spec, iface)) {
+    throw new Refused(`Unable to remove interface [${n}]: only an interface with the bridge binding on a secondary (multus) network can be unplugged`);
+  }
+  iface.state = 'absent';
+}
+
+async function editInterfaces(namespace, name, edit) {
+  const path = resourcePath(R.vms, namespace, name);
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const vm = await get(path);
+    const spec = JSON.parse(JSON.stringify((vm.spec.template && vm.spec.template.spec) || {}));
+    edit(spec);
+    const ops = [
+      { op: 'test', path: '/metadata/resourceVersion', value: vm.metadata.resourceVersion },
+      { op: 'add', path: '/spec/template/spec/domain/devices/interfaces', value: spec.domain.devices.interfaces },
+      { op: 'add', path: '/spec/template/spec/networks', value: spec.networks || [] },
+    ];
+    try {
+      await request('PATCH', path, ops, 'application/json-patch+json');
+      return;
+    } catch (e) {
+      if (e.code === 409 || (e.code === 422 && /test/i.test(e.message))) continue; // changed meanwhile: read again
+      throw e;
+    }
+  }
+  throw new Refused(`${name} kept changing while the interface was being edited; try again`);
+}
+
+function NICSection({ vm, vmi }) {
+  const { namespace, name } = vm.metadata;
+  const nads = useWatch(R.nads, { namespace });
+  const [nicName, setNicName] = useState('');
+  const [nad, setNad] = useState('');
+  const [error, setError] = useState(null);
+  const [done, setDone] = useState('');
+  const spec = (vm.spec.template && vm.spec.template.spec) || {};
+  const status = new Map(((vmi && vmi.status && vmi.status.interfaces) || []).map((i) => [i.name, i]));
+  const run = async (what, edit) => {
+    setError(null); setDone('');
+    try {
+      await editInterfaces(namespace, name, edit);
+      setDone(what);
+      return true;
+    } catch (e) {
+      setError(e instanceof Refused ? { message: e.message, causes: [] } : e);
+      return false;
+    }
+  };
+  const add = async () => {
+    const n = nicName.trim();
+    const ok = await run(`Requested: add interface ${n} on ${nad}`,
+      (s) => addInterface(s, { name: n, bridge: {} }, { name: n, multus: { networkName: nad } }));
+    if (ok) setNicName('');
+  };
+  const network = (n) => {
+    const net = networkOf(spec, n);
+    return net.pod ? 'pod network' : net.multus ? `multus: ${net.multus.networkName}` : Object.keys(net).filter((k) => k !== 'name').join(',');
+  };
+  return (
+    <>
+      <Title headingLevel="h3" style={{ marginTop: 24 }}>Network interfaces</Title>
+      <ErrorAlert error={error} title="The request was refused" onClose={() => setError(null)} />
+      {done && <Alert variant="info" isInline title={done} data-testid="nic-done" />}
+      <SimpleTable label="Configured network interfaces" columns={['Name', 'Binding', 'Network', 'State', 'MAC', 'IP addresses', '']}
+        rows={ifacesOf(spec).map((i) => {
+          const st = status.get(i.name) || {};
+          const binding = Object.keys(i).find((k) => !['name', 'macAddress', 'model', 'ports', 'state', 'pciAddress', 'bootOrder'].includes(k)) || '';
+          const absent = i.state === 'absent';
+          return [i.name, binding, network(i.name), absent ? 'absent (unplug requested)' : (st.name ? 'attached' : ''),
+            st.mac || i.macAddress || '', (st.ipAddresses || (st.ipAddress ? [st.ipAddress] : [])).join(', '),
+            nicHotpluggable(spec, i) && !absent ? (
+              <Button variant="link" isDanger data-remove-nic={i.name}
+                onClick={() => run(`Requested: remove interface ${i.name}`, (s) => removeInterface(s, i.name))}>Remove</Button>) : ''];
+        })} />
+      <Title headingLevel="h4" style={{ marginTop: 16 }}>Add a network interface (bridge binding on a NetworkAttachmentDefinition)</Title>
+      <Toolbar><ToolbarContent>
+        <ToolbarItem>
+          <TextInput value={nicName} onChange={(_e, v) => setNicName(v)} placeholder="Interface name" aria-label="Interface name" />
+        </ToolbarItem>
+        <ToolbarItem>
+          <FormSelect value={nad} onChange={(_e, v) => setNad(v)} aria-label="Network attachment definition">
+            <FormSelectOption value="" label={nads.loaded && nads.items.length === 0 ? `No NetworkAttachmentDefinitions in ${namespace}` : 'Choose a NetworkAttachmentDefinition'} isPlaceholder />
+            {nads.items.map((d) => <FormSelectOption key={d.metadata.name} value={d.metadata.name} label={d.metadata.name} />)}
+          </FormSelect>
+        </ToolbarItem>
+        <ToolbarItem><Button onClick={add} isDisabled={!nicName.trim() || !nad}>Add network interface</Button></ToolbarItem>
+      </ToolbarContent></Toolbar>
     </>
   );
 }
@@ -155,6 +277,7 @@ function ConfigurationTab({ vm, vmi }) {
         </ToolbarItem>
         <ToolbarItem><Button onClick={add} isDisabled={!source}>Add disk</Button></ToolbarItem>
       </ToolbarContent></Toolbar>
+      <NICSection vm={vm} vmi={vmi} />
     </>
   );
 }
@@ -270,6 +393,7 @@ export function VMDetails({ namespace, name, tab }) {
   const vm = vms.items[0];
   const vmi = vmis.items[0];
   const [confirm, setConfirm] = useState(null);
+  const [dialog, setDialog] = useState(null);
   const [error, setError] = useState(null);
   const allowed = useMemo(() => (vm ? allowedActions(vm, vmi) : {}), [vm, vmi]);
   if (!vm) {
@@ -280,6 +404,8 @@ export function VMDetails({ namespace, name, tab }) {
       </PageSection>
     );
   }
+  const rr = condition(vm, 'RestartRequired');
+  const restartRequired = rr && rr.status === 'True' ? rr : null;
   const act = async () => {
     try {
       await runAction(confirm, vm);
@@ -302,12 +428,22 @@ export function VMDetails({ namespace, name, tab }) {
             </Button>
           </ToolbarItem>
         ))}
-        <ToolbarItem>
-          <Button variant="link" onClick={() => navigator.clipboard && navigator.clipboard.writeText(`virtctl ssh vm/${name} -n ${namespace}`)}>
-            Copy virtctl ssh command
-          </Button>
-        </ToolbarItem>
+        {['migrate', 'clone', 'ssh'].map((a) => (
+          <ToolbarItem key={a}>
+            <Button variant={a === 'ssh' ? 'link' : 'secondary'} isDisabled={!allowed[a]} onClick={() => setDialog(a)}>
+              {ACTION_LABELS[a]}
+            </Button>
+          </ToolbarItem>
+        ))}
       </ToolbarContent></Toolbar>
+      {vmi && vmi.status && vmi.status.phase === 'Running' && !allowed.migrate && (
+        <p className="vp-hint" data-testid="migrate-disabled-reason">Migrate: {migratable(vmi).reason}</p>
+      )}
+      {restartRequired && (
+        <Alert variant="warning" isInline data-testid="restart-required" title="Restart required">
+          {restartRequired.message || 'The VM’s configuration changed in a way the running VM cannot take: restart it to apply.'}
+        </Alert>
+      )}
       <ErrorAlert error={error} onClose={() => setError(null)} />
       <Tabs activeKey={TABS.includes(tab) ? tab : 'overview'} mountOnEnter unmountOnExit
         onSelect={(_e, k) => { location.hash = `/vms/${namespace}/${name}/${k}`; }}>
@@ -324,6 +460,7 @@ export function VMDetails({ namespace, name, tab }) {
           </Tab>
         ))}
       </Tabs>
+      {dialog && <ActionDialog action={dialog} vm={vm} vmi={vmi} onClose={() => setDialog(null)} />}
       {confirm && (
         <ConfirmModal title={`${ACTION_LABELS[confirm]} ${name}?`} body={`${ACTION_LABELS[confirm]} VirtualMachine ${namespace}/${name}.`}
           confirmLabel={ACTION_LABELS[confirm]} danger={confirm === 'delete'} onConfirm={act} onClose={() => setConfirm(null)} />

@@ -6,8 +6,10 @@ import {
 import { ActionsColumn, Table, Tbody, Td, Th, Thead, Tr } from '@patternfly/react-table';
 import { R, age, keyOf, useWatch } from '../api.js';
 import {
-  ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, runAction, trueConditions, vmStatus, vmiIPs,
+  ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, migratable, runAction, trueConditions, vmStatus,
+  vmiIPs,
 } from './common.jsx';
+import { ActionDialog } from './VMActions.jsx';
 
 const COLUMNS = [
   ['Name', (r) => r.vm.metadata.name],
@@ -53,6 +55,7 @@ export function VMList() {
   const [perPage, setPerPage] = useState(50);
   const [selected, setSelected] = useState(new Set());
   const [confirm, setConfirm] = useState(null); // {action, targets}
+  const [dialog, setDialog] = useState(null); // {action, key}: migrate, clone, ssh
   const [result, setResult] = useState(null);
 
   const vmiByKey = useMemo(() => new Map(vmis.items.map((v) => [keyOf(v), v])), [vmis.items]);
@@ -198,8 +201,12 @@ export function VMList() {
                       title: ACTION_LABELS[a], isDisabled: !allowed[a], onClick: () => ask(a, [r]),
                     })),
                     { isSeparator: true },
+                    { title: ACTION_LABELS.migrate, isDisabled: !allowed.migrate, onClick: () => setDialog({ action: 'migrate', key: r.key }),
+                      description: !allowed.migrate && r.vmi ? migratable(r.vmi).reason : undefined },
+                    { title: ACTION_LABELS.clone, isDisabled: !allowed.clone, onClick: () => setDialog({ action: 'clone', key: r.key }) },
                     { title: 'Open console', isDisabled: !allowed.restart,
                       onClick: () => { location.hash = `/vms/${namespace}/${name}/console`; } },
+                    { title: ACTION_LABELS.ssh, onClick: () => setDialog({ action: 'ssh', key: r.key }) },
                   ]} />
                 </Td>
               </Tr>
@@ -208,6 +215,10 @@ export function VMList() {
         </Tbody>
       </Table>
       {vms.loaded && filtered.length === 0 && <p style={{ padding: 16 }}>No VirtualMachines match.</p>}
+      {dialog && rows.find((r) => r.key === dialog.key) && (() => {
+        const r = rows.find((x) => x.key === dialog.key);
+        return <ActionDialog action={dialog.action} vm={r.vm} vmi={r.vmi} onClose={() => setDialog(null)} />;
+      })()}
       {confirm && (
         <ConfirmModal
           title={`${ACTION_LABELS[confirm.action]} ${confirm.targets.length} VirtualMachine${confirm.targets.length === 1 ? '' : 's'}?`}

@@ -32,12 +32,38 @@ export function allowedActions(vm, vmi) {
     pause: running && !paused && vmi.status && vmi.status.phase === 'Running',
     unpause: paused,
     delete: !vm.metadata.deletionTimestamp,
+    migrate: migratable(vmi).ok,
+    clone: !vm.metadata.deletionTimestamp,
+    ssh: true,
   };
+}
+
+export const condition = (obj, type) => ((obj && obj.status && obj.status.conditions) || []).find((c) => c.type === type);
+export const nodeReady = (o) => { const c = condition(o, 'Ready'); return c ? c.status === 'True' : false; };
+
+// Whether the server would start a live migration of this VMI now, and the reason when not: it must be Running
+// and its LiveMigratable condition True (the controller fails the migration otherwise, with that message).
+export function migratable(vmi) {
+  if (!vmi || !vmi.status || vmi.status.phase !== 'Running' || vmi.metadata.deletionTimestamp) {
+    return { ok: false, reason: 'The VM is not running.' };
+  }
+  const ms = vmi.status.migrationState;
+  if (ms && ms.migrationUid && !ms.completed && !ms.failed) {
+    return { ok: false, reason: `A migration is in progress (to ${ms.targetNode || 'another node'}).` };
+  }
+  const c = condition(vmi, 'LiveMigratable');
+  if (!c) return { ok: false, reason: 'The server has not yet reported whether this VM is live-migratable.' };
+  if (c.status !== 'True') return { ok: false, reason: c.message || c.reason || 'The VM is not live-migratable.' };
+  return { ok: true, reason: '' };
 }
 
 export const ACTION_LABELS = {
   start: 'Start', stop: 'Stop', forcestop: 'Force stop', restart: 'Restart', pause: 'Pause', unpause: 'Unpause', delete: 'Delete',
+  migrate: 'Migrate', clone: 'Clone', ssh: 'Copy virtctl ssh command',
 };
+
+// Actions that open their own dialog (VMActions.jsx) rather than a plain confirmation.
+export const DIALOG_ACTIONS = ['migrate', 'clone', 'ssh'];
 
 export async function runAction(action, vm) {
   const { namespace, name } = vm.metadata;
