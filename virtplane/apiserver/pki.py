@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import ipaddress
 import os
 import socket
@@ -116,3 +117,11 @@ def write_kubeconfig(path: Path, server_url: str, ca_cert: Path, token: str, *, 
     tmp = path.with_suffix(".tmp")
     _write_private(tmp, yaml.safe_dump(config, sort_keys=False).encode())
     tmp.replace(path)
+
+
+def ca_cert_hash(ca_pem: bytes) -> str:
+    """kubeadm's `--discovery-token-ca-cert-hash`: sha256 of the CA certificate's SubjectPublicKeyInfo (DER), so
+    a joining node can trust the CA it was handed by an unauthenticated fetch."""
+    cert = x509.load_pem_x509_certificate(ca_pem)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(spki).hexdigest()

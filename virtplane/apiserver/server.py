@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import logging
 import ssl
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 from aiohttp import web
 
 import virtplane
@@ -48,6 +51,9 @@ KUBE_VERSION = {"major": "1", "minor": "32"}
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
 CRD_RESOURCE = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+# kubeadm's discovery object: readable without credentials (GET only), it hands a joining node the CA, which
+# the node then checks against the hash it was given.
+CLUSTER_INFO_PATH = "/api/v1/namespaces/kube-public/configmaps/cluster-info"
 
 
 @dataclasses.dataclass(slots=True)
@@ -61,6 +67,7 @@ class ServerConfig:
     # more addresses on the same port: the cluster bridge, where node agents in their own netns reach us
     extra_hosts: tuple[str, ...] = ()
     service_cidr: str = serviceips.DEFAULT_SERVICE_CIDR  # kube-apiserver's --service-cluster-ip-range
+    ca_cert: Path | None = None  # published in kube-public/cluster-info for nodes joining with a token
 
 
 class APIServer:
@@ -171,6 +178,7 @@ class APIServer:
                                 backlog=1024)
             await extra.start()
         await self._ensure_kubernetes_service()
+        await self._ensure_cluster_info()
         self._ready.set()
         log.info("API server listening", extra={"host": self.config.host, "port": self.bound_port})
 
@@ -220,6 +228,33 @@ class APIServer:
             if host not in ("0.0.0.0", "::", ""):
                 return host
         return "127.0.0.1"
+
+    async def _ensure_cluster_info(self) -> None:
+        """kube-public/cluster-info (kubeadm's shape: `data.kubeconfig`, a kubeconfig with the server and the CA,
+        no credentials), rewritten when the address, port or CA changed."""
+        cm_res = self.registry.lookup("", "v1", "configmaps")
+        if cm_res is None or self.config.ca_cert is None:
+            return
+        server = f"https://{self._endpoint_address()}:{self.bound_port}"
+        kubeconfig = yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "preferences": {}, "users": None, "contexts": None,
+            "clusters": [{"name": "", "cluster": {
+                "server": server,
+                "certificate-authority-data": base64.b64encode(self.config.ca_cert.read_bytes()).decode()}}],
+        }, sort_keys=False)
+        data = {"kubeconfig": kubeconfig}
+        opts = objects.WriteOptions(field_manager="virtplane-apiserver", field_validation="Ignore")
+        try:
+            existing = await self.objects.try_get(cm_res, "kube-public", "cluster-info")
+            if existing is None:
+                await self.objects.create(cm_res, "kube-public", {
+                    "apiVersion": "v1", "kind": "ConfigMap", "data": data,
+                    "metadata": {"name": "cluster-info", "namespace": "kube-public"}}, opts)
+            elif existing.get("data") != data:
+                await self.objects.guaranteed_update(cm_res, "kube-public", "cluster-info",
+                                                     lambda o: {**o, "data": data})
+        except errors.StatusError as exc:
+            log.warning("cannot maintain kube-public/cluster-info: %s", exc)
 
     async def _ensure_kubernetes_service(self) -> None:
         """kube-apiserver's bootstrap controller: `default/kubernetes`, a ClusterIP Service on the range's first
@@ -337,14 +372,17 @@ class APIServer:
         request["vp_verb"] = request.method
         code = 500
         try:
-            if not self._is_public(request.path):
-                user = self.authenticator.authenticate(
-                    request.headers.get("Authorization") or auth.websocket_bearer(request.headers))
+            authorization = request.headers.get("Authorization") or auth.websocket_bearer(request.headers)
+            if self._is_public(request.path) or (request.method == "GET" and request.path == CLUSTER_INFO_PATH
+                                                 and not authorization):
+                request["vp_user"] = auth.ANONYMOUS
+            else:
+                user = self.authenticator.authenticate(authorization)
+                if user is None:
+                    user = await self._bootstrap_user(authorization)
                 if user is None:
                     raise errors.StatusError(401, "Unauthorized")
                 request["vp_user"] = user
-            else:
-                request["vp_user"] = auth.ANONYMOUS
             resp = await handler(request)
             code = resp.status
             return resp
@@ -367,6 +405,17 @@ class APIServer:
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log.debug("request", extra={"verb": request.method, "path": request.path_qs,
                                                    "code": code, "ms": round(elapsed * 1000, 2)})
+
+    async def _bootstrap_user(self, authorization: str | None) -> auth.User | None:
+        """A bootstrap token (`<id>.<secret>`) checked against its kube-system Secret, read at each request so
+        that deleting the Secret revokes it at once."""
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        m = auth.BOOTSTRAP_TOKEN_RE.match(token)
+        secrets_res = self.registry.lookup("", "v1", "secrets")
+        if m is None or secrets_res is None:
+            return None
+        secret = await self.objects.try_get(secrets_res, "kube-system", auth.bootstrap_secret_name(m.group(1)))
+        return auth.bootstrap_user(token, secret, datetime.datetime.now(datetime.UTC))
 
     # --------------------------------------------------------------- endpoints
 

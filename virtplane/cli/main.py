@@ -15,7 +15,7 @@ from typing import Any
 
 import virtplane
 from virtplane.apiserver import auth, pki, server, serviceips
-from virtplane.cli import demo, nodes
+from virtplane.cli import demo, join, nodes
 from virtplane.client import rest
 from virtplane.controllers import manager
 from virtplane.network.nodenet import ClusterNetwork
@@ -87,7 +87,7 @@ def prepare_apiserver(args: argparse.Namespace, extra_hosts: tuple[str, ...] = (
     store_url = args.store or f"sqlite://{data / 'state.db'}"
     cfg = server.ServerConfig(host=args.bind_address, port=args.port, tls_cert=certs.cert, tls_key=certs.key,
                               token_file=token_file, extra_hosts=extra_hosts,
-                              service_cidr=args.service_cluster_ip_range)
+                              service_cidr=args.service_cluster_ip_range, ca_cert=certs.ca_cert)
     return server.APIServer(open_store(store_url), cfg), certs, token
 
 
@@ -183,7 +183,8 @@ async def run_controller(args: argparse.Namespace) -> int:
 
 def add_node_parser(sub: Any) -> None:
     node = sub.add_parser("node", help="run a node agent (runs the VMs scheduled to NAME)")
-    node.add_argument("--kubeconfig", type=Path, required=True, help="kubeconfig with a components token")
+    node.add_argument("--kubeconfig", type=Path, default=None,
+                      help="kubeconfig with a components token (or join with --server and --token)")
     node.add_argument("--name", required=True, help="the Node name to register")
     node.add_argument("--data-dir", type=Path, required=True, help="images, VM runtime dirs, agent certificate")
     node.add_argument("--address", default="127.0.0.1", help="InternalIP of the node; the agent API binds here")
@@ -197,19 +198,22 @@ def add_node_parser(sub: Any) -> None:
     node.add_argument("--pod-cidr", default="10.244.0.0/24", help="this node's pod subnet (default CNI chain)")
     node.add_argument("--cni-config", type=Path, default=None,
                       help="CNI config (list) file to use instead of bridge vp0 + host-local; re-read per VMI")
+    join.add_node_flags(node)
 
 
 async def run_node(args: argparse.Namespace) -> int:
     from virtplane.node import network
     from virtplane.node.agent import AgentConfig, NodeAgent
 
+    # before anything else: a join that cannot go through must leave nothing configured
+    kubeconfig = await asyncio.to_thread(join.kubeconfig_for_node, args)
     network.configure_pod_network(args.pod_network, args.data_dir, pod_cidr=args.pod_cidr, cni_config=args.cni_config)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    agent = NodeAgent(AgentConfig(kubeconfig=args.kubeconfig, name=args.name, data_dir=args.data_dir,
+    agent = NodeAgent(AgentConfig(kubeconfig=kubeconfig, name=args.name, data_dir=args.data_dir,
                                   address=args.address, port=args.port,
                                   insecure_registries=tuple(args.insecure_registry)))
     await agent.run(stop)
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="where the built-in provisioners keep volumes (default DATA_DIR/storage)")
     ctl.add_argument("--log-level", default="info")
     add_node_parser(sub)
+    join.add_token_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
@@ -270,8 +275,16 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_with_diagnostics(run_controller(args)))
         if args.command == "node":
             return asyncio.run(_with_diagnostics(run_node(args)))
+        if args.command == "token":
+            return asyncio.run(join.token_create(args))
     except KeyboardInterrupt:
         return 130
+    except join.JoinError as exc:
+        print(f"virtplane: cannot join: {exc}", file=sys.stderr)
+        return 1
+    except rest.APIError as exc:
+        print(f"virtplane: error: {exc}", file=sys.stderr)
+        return 1
     except (StoreError, OSError) as exc:
         # one clear line for the operator (a locked state file, a port in use), not a traceback
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
