@@ -14,7 +14,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,22 +23,12 @@ import pytest
 from tests.e2e.node.conftest import requirements
 from virtplane.testing import guest
 from virtplane.testing.cluster import REPO, Cluster
+from virtplane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 HOST_IP, NODE_IP = "10.231.77.1", "10.231.77.2"
 NODE = "joined-node"
-
-
-def wait_for(fn: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def sh(*argv: str) -> None:
@@ -115,8 +104,7 @@ def test_node_joins_from_another_host_with_a_token(host: str, tmp_path: Path) ->
                 conds = {x["type"]: x["status"] for x in json.loads(p.stdout)["status"].get("conditions") or []}
                 return conds.get("Ready") == "True"
 
-            wait_for(node_ready, 90, f"node {NODE} Ready "
-                                     f"({(tmp_path / 'agent.log').read_text(errors='replace')[-2000:]})")
+            wait_for(node_ready, 90, what=f"node {NODE} Ready (agent log: {tmp_path / 'agent.log'})")
             node = json.loads(c.kubectl("get", "node", NODE, "-o", "json").stdout)
             assert {"type": "InternalIP", "address": NODE_IP} in node["status"]["addresses"]
 
@@ -133,7 +121,7 @@ def test_node_joins_from_another_host_with_a_token(host: str, tmp_path: Path) ->
                 got = json.loads(p.stdout) if p.returncode == 0 else {}
                 return got if (got.get("status") or {}).get("phase") == "Running" else None
 
-            got = wait_for(running, 180, "the VMI Running on the joined node")
+            got = wait_for(running, 180, what="the VMI Running on the joined node")
             assert got["status"]["nodeName"] == NODE
             c.kubectl("delete", "vmi", "onjoined", "--wait=true", "--timeout=60s")
 
