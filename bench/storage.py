@@ -3,8 +3,9 @@
     .venv/bin/python bench/storage.py [--size-mib 200] [--repeat 5]
 
 1. A ~200 MiB qcow2 (tiny.qcow2 plus random data written with qemu-io, re-packed by qemu-img convert) is
-   served by an aiohttp server on 127.0.0.1 (sendfile, Range support). Timed, same run, best of N, each to a
-   fresh target file: `qemu-img convert -O raw` from the local file (the reference); our streaming importer
+   served by an aiohttp server on 127.0.0.1 in its own process (sendfile, Range support). Timed, same run,
+   best and median of N, the reference and the importer alternating (a shared machine's load drifts), each
+   to a fresh target file: `qemu-img convert -O raw` from the local file (the reference); our streaming importer
    (`storage.importer.import_http`); qemu-img convert reading the URL itself (curl driver, 64 MiB
    readahead); download to a scratch file + local qemu-img convert. Target: importer <= 1.2x local.
 2. Copy-on-write clone (`storage.provisioner.cow_clone`) of a raw volume with 1 GiB and 10 GiB virtual
@@ -25,12 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,6 +53,18 @@ def best(fn: Callable[[], None], repeat: int, before: Callable[[], None] | None 
     return min(times), statistics.median(times)
 
 
+def alternating(fns: list[Callable[[], None]], repeat: int, before: Callable[[], None]) -> list[tuple[float, float]]:
+    """best/median of each of `fns`, run in turn `repeat` times."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            before()
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [(min(ts), statistics.median(ts)) for ts in times]
+
+
 def make_image(work: Path, data_mib: int) -> Path:
     overlay = work / "overlay.qcow2"
     sh("qemu-img", "create", "-f", "qcow2", "-b", str(TINY), "-F", "qcow2", str(overlay), "1G")
@@ -69,27 +79,36 @@ def make_image(work: Path, data_mib: int) -> Path:
     return image
 
 
+SERVER = """
+import sys
+from aiohttp import web
+app = web.Application()
+app.router.add_static("/", sys.argv[1])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
+"""
+
+
 def serve(root: Path) -> tuple[str, Callable[[], None]]:
+    """An aiohttp static server (sendfile, Range) in its own process, as any real server is: in a thread of
+    the benchmark it would compete with the importer's threads for the GIL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    loop = asyncio.new_event_loop()
-    app = web.Application()
-    app.router.add_static("/", root)
-    runner = web.AppRunner(app, access_log=None)
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    time.sleep(0.5)
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(root), str(port)])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the benchmark's HTTP server did not start") from None
+            time.sleep(0.05)
 
     def stop() -> None:
-        loop.call_soon_threadsafe(loop.stop)
+        proc.terminate()
+        proc.wait(10)
     return f"http://127.0.0.1:{port}", stop
 
 
@@ -99,7 +118,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vp-bench-storage-", dir=os.environ.get("TMPDIR", "/var/tmp")))
-    results: dict[str, object] = {}
+    results: dict[str, object] = {"loadavg_start": os.getloadavg()}
     try:
         image = make_image(work, args.size_mib)
         results["image_bytes"] = image.stat().st_size
@@ -111,9 +130,10 @@ def main() -> None:
             out.unlink(missing_ok=True)
             (work / ".scratch").unlink(missing_ok=True)
 
-        local = best(lambda: sh("qemu-img", "convert", "-O", "raw", str(image), str(out)), args.repeat, fresh)
-        ours = best(lambda: asyncio.run(importer.import_http(importer.HTTPOptions(url), out, work, 1 << 30)),
-                    args.repeat, fresh)
+        local, ours = alternating([
+            lambda: sh("qemu-img", "convert", "-O", "raw", str(image), str(out)),
+            lambda: asyncio.run(importer.import_http(importer.HTTPOptions(url), out, work, 1 << 30))],
+            args.repeat, fresh)
         sh("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(out), str(image))
         curl_json = json.dumps({"file.driver": "http", "file.url": url, "file.readahead": 64 << 20})
         qemu_http = best(lambda: sh("qemu-img", "convert", "-O", "raw", f"json:{curl_json}", str(out)),
@@ -162,6 +182,7 @@ def main() -> None:
         results["clone"] = clones
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results["loadavg_end"] = os.getloadavg()
     print(json.dumps(results, indent=2))
 
 

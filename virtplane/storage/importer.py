@@ -37,6 +37,7 @@ import lzma
 import os
 import queue
 import re
+import socket
 import ssl
 import struct
 import threading
@@ -701,14 +702,64 @@ class HTTPStream:
         if self.conn is not None:
             self.conn.close()
 
+    def _filler(self) -> Callable[[memoryview], int]:
+        """A function filling a buffer from the body, returning the byte count (short only at the end).
+
+        A plain-HTTP body of known length is read from the socket itself with MSG_WAITALL: one recv per
+        buffer instead of one per few hundred KiB that arrived, so the reader thread hardly needs the GIL
+        (TLS and chunked bodies go through http.client)."""
+        resp, conn = self.resp, self.conn
+        assert resp is not None and conn is not None
+        sock = conn.sock
+        if isinstance(sock, ssl.SSLSocket) or sock is None or resp.chunked or self.length is None:
+            def through_http_client(mv: memoryview) -> int:
+                n = 0
+                while n < len(mv):
+                    k = resp.readinto(mv[n:])
+                    if not k:
+                        break
+                    n += k
+                return n
+            return through_http_client
+        left = self.length
+        buffered = resp.read1(min(left, SNIFF_BYTES))  # what http.client read ahead with the headers
+        left -= len(buffered)
+        timeout = self.opts.timeout
+        # blocking, so MSG_WAITALL waits in the kernel; SO_RCVTIMEO keeps the timeout
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", int(timeout), int((timeout % 1) * 1e6)))
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+
+        def direct(mv: memoryview) -> int:
+            nonlocal buffered, left
+            n = 0
+            if buffered:
+                n = min(len(buffered), len(mv))
+                mv[:n] = buffered[:n]
+                buffered = buffered[n:]
+            while n < len(mv) and left > 0:
+                want = min(len(mv) - n, left)
+                try:
+                    k = sock.recv_into(mv[n:n + want], want, socket.MSG_WAITALL)
+                except BlockingIOError as err:  # SO_RCVTIMEO expired
+                    raise TimeoutError(f"no data for {timeout:.0f}s") from err
+                if not k:
+                    break
+                n += k
+                left -= k
+            return n
+        return direct
+
     def chunks(self, progress: ProgressFn | None, cancel: threading.Event) -> Iterable[memoryview]:
         """Body chunks, read ahead by a thread so receiving overlaps the consumer's writes."""
-        assert self.resp is not None
-        resp = self.resp
         free: queue.Queue[bytearray] = queue.Queue()
         full: queue.Queue[tuple[bytearray, int] | BaseException | None] = queue.Queue()
         for _ in range(3):
             free.put(bytearray(CHUNK))
+
+        fill = self._filler()
 
         def reader() -> None:
             total = 0
@@ -716,13 +767,7 @@ class HTTPStream:
             try:
                 while not cancel.is_set():
                     buf = free.get()
-                    mv = memoryview(buf)
-                    n = 0
-                    while n < CHUNK:
-                        k = resp.readinto(mv[n:])
-                        if not k:
-                            break
-                        n += k
+                    n = fill(memoryview(buf))
                     if n == 0:
                         break
                     total += n
