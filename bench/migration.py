@@ -11,7 +11,8 @@ containerDisk; one 128Mi VM (idle guest: its tick loop only).
 - raw: the platform VM's exact argv (cmdline.json; runtime dir rewritten, fresh overlays), a source QEMU in node
   1's netns booted to `virtplane-guest: booted`, a target with `-incoming defer` in node 2's netns; by QMP:
   `migrate-incoming tcp:<node 2>:0`, then `migrate` on the source, clock from `migrate` to `completed`; with the
-  same TLS-PSK credentials and, for reference, plain TCP.
+  same TLS-PSK credentials and, for reference, plain TCP; the same migration parameters as the platform sets
+  (downtime-limit 50 ms, max-bandwidth unlimited).
 Targets: platform end to end ≤ raw + 1 s; downtime ≤ 50 ms for an idle guest.
 """
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.vm_start import BareTemplate, bare_start, wait_line_in_file
 from virtplane.client import rest
 from virtplane.hypervisor.qmp import QMP
+from virtplane.node.migration import START_DOWNTIME_MS, UNLIMITED_BANDWIDTH
 from virtplane.testing import guest
 from virtplane.testing.cluster import Cluster
 
@@ -122,6 +124,10 @@ async def raw_run(template: BareTemplate, work: Path, ns_src: str, ns_dst: str, 
                     obj["username"] = "virtplane"
                 await q.execute("object-add", obj)
                 await q.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        # the parameters the platform's source agent sets: its downtime limit, no bandwidth cap (libvirt's
+        # "unlimited"; QEMU's own default caps at 128 MiB/s)
+        await qs.execute("migrate-set-parameters", {"downtime-limit": START_DOWNTIME_MS,
+                                                    "max-bandwidth": UNLIMITED_BANDWIDTH})  # fmt: skip
         await qd.execute("migrate-incoming", {"uri": f"tcp:{dst_ip}:0"})
         port = (await qd.execute("query-migrate"))["socket-address"][0]["port"]
         t0 = time.monotonic()
@@ -209,9 +215,10 @@ def main() -> None:
     finally:
         cluster.stop()
         if args.trace:
-            for line in cluster.log_path.read_text(errors="replace").splitlines():
-                if "migrat" in line.lower():
-                    print(line)
+            logs = [cluster.log_path, *sorted((cluster.data_dir / "nodes").glob("*/agent.log"))]
+            lines = [ln for log in logs for ln in log.read_text(errors="replace").splitlines()
+                     if "migrat" in ln.lower()]
+            print("\n".join(sorted(lines)))
         shutil.rmtree(short, ignore_errors=True)
     report(*results)
 

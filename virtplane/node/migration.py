@@ -58,6 +58,7 @@ DEFAULT_MAX_DOWNTIME_MS = 900
 STALL_PASSES = 3  # this many passes (dirty-bitmap syncs) in a row without 10 % less RAM left: not converging
 TICK_SECONDS = 1.0  # between passes, the timeouts are checked this often
 DONE = ("completed", "failed", "cancelled")
+UNLIMITED_BANDWIDTH = 2**62  # bytes/s: libvirt's "unlimited" is as large
 TLS_ID = "migration-tls"
 PSK_USER = "virtplane"
 
@@ -93,6 +94,7 @@ class NodeMigrations:
     def __init__(self, ctl: VMIController) -> None:
         self.ctl = ctl
         self.progress: dict[Key, Progress] = {}
+        self.prepared: dict[Key, str] = {}  # migrationUid whose source end is set up (_prepare_source)
 
     @property
     def node(self) -> str:
@@ -233,7 +235,8 @@ class NodeMigrations:
                 return None
             ports = list((ms.get("targetDirectMigrationNodePorts") or {}).keys())
             if not ms.get("targetNodeAddress") or not ports:
-                return None  # the target is not ready yet
+                # the target is not ready yet: set our end up meanwhile, so that `migrate` is all that is left
+                return await self._prepare_source(key, vmi, ms, machine)
             return await self._start_source(key, vmi, ms, machine, f"{ms['targetNodeAddress']}:{ports[0]}")
         if prog is None:
             # an agent restart during a migration: follow it from here
@@ -301,20 +304,38 @@ class NodeMigrations:
         finally:
             self.ctl.enqueue(key)
 
+    async def _prepare_source(self, key: Key, vmi: JSON, ms: JSON, machine: Machine) -> float | None:
+        """Our end of the stream, set up while the target prepares: capabilities, the downtime limit and bandwidth
+        (explicit, as libvirt sets them: bandwidthPerMigration 0 is unlimited, not QEMU's 128 MiB/s default), the
+        TLS-PSK credentials. Failing here fails the migration; the guest is untouched."""
+        uid = str(ms.get("migrationUid"))
+        if self.prepared.get(key) == uid:
+            return None
+        cfg = ms.get("migrationConfiguration") or {}
+        params: JSON = {"downtime-limit": min(START_DOWNTIME_MS, max_downtime_ms(cfg)),
+                        "max-bandwidth": quantity.quantity_value(str(cfg.get("bandwidthPerMigration") or "0"))
+                        or UNLIMITED_BANDWIDTH,
+                        "cpu-throttle-initial": 20, "cpu-throttle-increment": 10}  # QEMU's, escalation raises them
+        try:
+            await machine.set_migration(capabilities(ms, target=False), params)
+            if not cfg.get("disableTLS"):
+                await self._tls(machine, vmi, endpoint="client")
+                await machine.monitor_command("migrate-set-parameters", {"tls-creds": TLS_ID})
+        except HypervisorError as err:
+            await self._write_state(key, {"failed": True, "failureReason": f"cannot prepare the source: {err}",
+                                          "endTimestamp": st.now_rfc3339()})  # fmt: skip
+            return None
+        self.prepared[key] = uid
+        return None
+
     async def _start_source(self, key: Key, vmi: JSON, ms: JSON, machine: Machine, dest: str) -> float | None:
         cfg = ms.get("migrationConfiguration") or {}
         downtime = min(START_DOWNTIME_MS, max_downtime_ms(cfg))
-        params: JSON = {"downtime-limit": downtime}
-        bandwidth = quantity.quantity_value(str(cfg.get("bandwidthPerMigration") or "0"))
-        if bandwidth:
-            params["max-bandwidth"] = bandwidth
         tls = not cfg.get("disableTLS")
+        await self._prepare_source(key, vmi, ms, machine)
+        if self.prepared.pop(key, None) != ms.get("migrationUid"):
+            return None  # failed (written)
         try:
-            await machine.set_migration(capabilities(ms, target=False), params)
-            if tls:
-                await self._tls(machine, vmi, endpoint="client")
-                await machine.monitor_command("migrate-set-parameters", {"tls-creds": TLS_ID,
-                                                                         "tls-hostname": ms["targetNodeAddress"]})
             stream = machine.events({"MIGRATION", "MIGRATION_PASS"})  # before `migrate`: no event slips by
             try:
                 await machine.migrate(f"tcp:{dest}")
@@ -463,12 +484,11 @@ def max_downtime_ms(cfg: JSON) -> int:
 
 
 def capabilities(ms: JSON, *, target: bool) -> dict[str, bool]:
+    """Every capability a migration may use, on or off: a QEMU keeps what an earlier migration set."""
     cfg = ms.get("migrationConfiguration") or {}
-    caps: dict[str, bool] = {}
-    if cfg.get("allowPostCopy"):
-        caps["postcopy-ram"] = True  # both ends
-    if not target and cfg.get("allowAutoConverge"):
-        caps["auto-converge"] = True
+    caps = {"postcopy-ram": bool(cfg.get("allowPostCopy"))}  # both ends
+    if not target:
+        caps["auto-converge"] = bool(cfg.get("allowAutoConverge"))
     return caps
 
 
