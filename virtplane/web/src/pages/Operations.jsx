@@ -57,7 +57,12 @@ export function DrainModal({ node, onClose }) {
             throw new ApiError(e.code, { ...e.status, message: `evicting ${key}: ${e.message}` });
           }
         }));
-        setResults((r) => ({ ...r, ...Object.fromEntries(answers) }));
+        // each pod's distinct answers in order: "waiting: … evacuation … → evicted"
+        setResults((r) => {
+          const n = { ...r };
+          for (const [k, a] of answers) if (!(n[k] || []).includes(a)) n[k] = [...(n[k] || []), a];
+          return n;
+        });
         await new Promise((res) => setTimeout(res, RETRY_MS));
       }
     } catch (e) {
@@ -80,9 +85,12 @@ export function DrainModal({ node, onClose }) {
         <ul data-testid="drain-pods">
           {todo.map((p) => {
             const key = `${p.metadata.namespace}/${p.metadata.name}`;
-            return <li key={key}>{key}{results[key] ? ` — ${results[key]}` : ''}</li>;
+            return <li key={key}>{key}{results[key] ? ` — ${results[key].join(' → ')}` : ''}</li>;
           })}
-          {pods.loaded && todo.length === 0 && <li>No pods to evict.</li>}
+          {Object.keys(results).filter((k) => !todo.some((p) => `${p.metadata.namespace}/${p.metadata.name}` === k)).map((k) => (
+            <li key={k}>{k} — {[...results[k], 'gone from the node'].join(' → ')}</li>
+          ))}
+          {pods.loaded && todo.length === 0 && Object.keys(results).length === 0 && <li>No pods to evict.</li>}
         </ul>
       </ModalBody>
       <ModalFooter>
