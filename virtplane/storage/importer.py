@@ -148,6 +148,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
+def _create(path: Path, flags: int = os.O_WRONLY) -> int:
+    """A new, empty file at `path` (any old one unlinked first). Never truncated: ext4 flushes a file that was
+    truncated to zero when it is closed (auto_da_alloc), which would cost the whole image's writeback there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+
+
 class _Coalescer:
     """Joins writes to consecutive offsets into one pwritev (qcow2 data clusters usually are in order)."""
 
@@ -208,7 +216,7 @@ class FileSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd = _create(path)
         self.offset = 0
 
     def write(self, data: memoryview) -> None:
@@ -290,7 +298,7 @@ class Qcow2StreamSink:
         self.cs = header.cluster_size
         self.fd = target_fd
         self.spill_path = spill_path
-        self.spill = os.open(spill_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.spill = _create(spill_path, os.O_RDWR)
         self.pos = 0  # host offset of the next byte fed
         self.partial = bytearray()
         self.l1 = bytearray(header.l1_size * 8)
@@ -302,8 +310,7 @@ class Qcow2StreamSink:
         self.compressed: list[tuple[int, int, int]] = []  # (host offset, length, guest offset)
         self.virtual_size = header.size
         self.out = _Coalescer(target_fd)
-        os.ftruncate(self.fd, 0)
-        os.ftruncate(self.fd, header.size)
+        os.ftruncate(self.fd, header.size)  # the target is new and empty (see _create)
 
     # ---- feeding
 
@@ -523,7 +530,7 @@ class Pipeline:
 
     def _choose(self, head: bytes) -> None:
         try:
-            self._fd = os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._fd = _create(self.target)
         except OSError as err:
             raise _os_error(err, f"creating {self.target}") from err
         if head.startswith(b"QFI\xfb"):
