@@ -223,6 +223,16 @@ def test_hotplug_a_disk_from_the_configuration_tab(page: Any, cluster: Cluster) 
     disks.locator("tr", has_text=HOT).wait_for(state="detached", timeout=120_000)
 
 
+def test_restart_required_is_shown(page: Any, cluster: Cluster) -> None:
+    """A template change the running VM cannot take (here its termination grace period) shows the VM's
+    RestartRequired condition above the tabs; the stop/start from the list later settles it."""
+    cluster.kubectl("patch", "vm", VM, "--type", "merge",
+                    "-p", json.dumps({"spec": {"template": {"spec": {"terminationGracePeriodSeconds": 5}}}}))
+    alert = page.get_by_test_id("restart-required")
+    alert.filter(has_text="a non-live-updatable field was changed in the template spec").wait_for(timeout=60_000)
+    shot(page, "05e-vm-restart-required")
+
+
 def vm_spec(cluster: Cluster, name: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl("get", "vm", name, "-o", "json").stdout)["spec"]["template"]["spec"]
 
@@ -336,6 +346,7 @@ def test_stop_and_start_from_the_list(page: Any) -> None:
     wait_status(page, VM, "Stopped")
     _row_action(page, VM, "Start")
     wait_status(page, VM, "Running")
+    assert "RestartRequired" not in row(page, VM).inner_text()  # the restart applied the template change
     row(page, VM).get_by_role("button", name=re.compile("kebab|actions", re.I)).click()
     page.get_by_role("menuitem", name="Open console").click()
     page.wait_for_url(re.compile(rf"#/vms/default/{VM}/console$"))
