@@ -81,7 +81,7 @@ export function MigrateModal({ vm, vmi, onClose }) {
             </FormSelect>
             <FormHelperText><HelperText><HelperTextItem>
               {nodes.loaded && targets.length === 0
-                ? 'No other Ready, schedulable node: a live migration needs one, and would fail.'
+                ? 'No other Ready, schedulable node is listed: a live migration needs one, so the server will likely fail it.'
                 : `${targets.length} other schedulable node${targets.length === 1 ? '' : 's'}.`}
             </HelperTextItem></HelperText></FormHelperText>
           </FormGroup>
@@ -92,7 +92,7 @@ export function MigrateModal({ vm, vmi, onClose }) {
       <ModalFooter>
         {!created && (
           <Button variant="primary" onClick={submit} isLoading={busy}
-            isDisabled={busy || !m.ok || (nodes.loaded && targets.length === 0)}>Migrate</Button>
+            isDisabled={busy || !m.ok}>Migrate</Button>
         )}
         <Button variant="link" onClick={onClose}>{created ? 'Close' : 'Cancel'}</Button>
       </ModalFooter>
