@@ -102,8 +102,12 @@ def test_pvc_volume_needs_a_bound_claim(tmp_path: Path) -> None:
 def test_limits_and_oci_spec() -> None:
     lim = spec.limits({"resources": {"limits": {"memory": "64Mi", "cpu": "500m"}}})
     assert lim == {"memory": 64 << 20, "cpu": 500}
-    res = cgroup_resources(lim)
-    assert res == {"memory": {"limit": 64 << 20}, "cpu": {"quota": 50000, "period": 100000}}
+    res = cgroup_resources(lim, spec.cpu_request({"resources": {"limits": {"cpu": "500m"}}}))
+    assert res == {"memory": {"limit": 64 << 20}, "cpu": {"shares": 512, "quota": 50000, "period": 100000}}
+    # the request weighs (1024 shares a core), the limit caps; no request: the kubelet's minimum of 2 shares
+    assert spec.cpu_request({"resources": {"requests": {"cpu": "250m"}, "limits": {"cpu": "1"}}}) == 250
+    assert cgroup_resources({}, 250) == {"cpu": {"shares": 256}}
+    assert cgroup_resources({}, spec.cpu_request({})) == {"cpu": {"shares": 2}}
     s = oci_spec(process={"args": ["sh"]}, mounts=[], netns="/var/run/netns/x", hostname="h", cgroups_path="/c",
                  resources=res)  # fmt: skip
     assert {"type": "network", "path": "/var/run/netns/x"} in s["linux"]["namespaces"]

@@ -602,7 +602,7 @@ class PodController:
 def podspec_resources(c: JSON) -> JSON:
     from .runtime import cgroup_resources
 
-    return cgroup_resources(podspec.limits(c))
+    return cgroup_resources(podspec.limits(c), podspec.cpu_request(c))
 
 
 def qos_class(pod: JSON) -> str:

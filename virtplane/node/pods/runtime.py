@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from virtplane.hypervisor import cgroups
 from virtplane.network import cni, netns
 
 from .images import Image
@@ -327,14 +328,16 @@ def oci_spec(*, process: JSON, mounts: list[JSON], netns: str, hostname: str, cg
     }  # fmt: skip
 
 
-def cgroup_resources(limits: Mapping[str, int]) -> JSON:
-    """linux.resources from container limits (bytes, millicores)."""
-    out: JSON = {}
+def cgroup_resources(limits: Mapping[str, int], cpu_request: int = 0) -> JSON:
+    """linux.resources from container limits (bytes, millicores) and the CPU request (millicores), as the
+    kubelet sets them: the request as cpu.shares (1024 a core, 2 for none: cgroups.shares_for), a CPU limit as
+    a CFS quota per 100 ms period, a memory limit as the memory cgroup's limit."""
+    out: JSON = {"cpu": {"shares": cgroups.shares_for(cpu_request / 1000)}}
     if limits.get("memory"):
         out["memory"] = {"limit": int(limits["memory"])}
     if limits.get("cpu"):
         period = 100000
-        out["cpu"] = {"quota": max(1000, int(limits["cpu"]) * period // 1000), "period": period}
+        out["cpu"].update(quota=max(1000, int(limits["cpu"]) * period // 1000), period=period)
     return out
 
 

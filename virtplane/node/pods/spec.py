@@ -276,5 +276,14 @@ def limits(container: JSON) -> dict[str, int]:
     return out
 
 
+def cpu_request(container: JSON) -> int:
+    """The CPU request in millicores; the limit when only a limit is set (as API defaulting does), else 0."""
+    res = container.get("resources") or {}
+    for source in (res.get("requests") or {}, res.get("limits") or {}):
+        if "cpu" in source:
+            return int(parse_quantity(source["cpu"]) * 1000)
+    return 0
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)

@@ -1,0 +1,57 @@
+"""Container resources in the kernel, as the kubelet sets them: the CPU request as cgroup CPU weight (cpu.shares,
+1024 a core; 2 without a request), the CPU limit as a CFS quota, the memory limit as the memory cgroup's limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import PodEnv, ready
+
+V1 = Path("/sys/fs/cgroup")
+
+
+def cgroup_file(pid: int, controller: str, name: str) -> str:
+    """A cgroup v1 file of the process's `controller` cgroup (this machine mounts each controller apart)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, rel = line.split(":", 2)
+        if controller in controllers.split(","):
+            return (V1 / controllers / rel.lstrip("/") / name).read_text().strip()
+    raise AssertionError(f"pid {pid} has no {controller} cgroup")
+
+
+def test_requests_weigh_and_limits_cap(env: PodEnv) -> None:
+    if not (V1 / "cpu" / "cpu.shares").exists():
+        pytest.skip("this test reads cgroup v1 files (cpu.shares, cpu.cfs_quota_us)")
+    env.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: sized}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: weighed
+    image: {env.image}
+    command: ["sleep", "3600"]
+    resources:
+      requests: {{cpu: 250m, memory: 32Mi}}
+      limits: {{cpu: 500m, memory: 64Mi}}
+  - name: besteffort
+    image: {env.image}
+    command: ["sleep", "3600"]
+""")
+    pod = env.wait_pod("sized", ready, what="Ready")
+    uid = pod["metadata"]["uid"]
+
+    def pid(name: str) -> int:
+        return int((env.node_dir / "pods" / "sandboxes" / uid / "containers" / name / "state" / "pid").read_text())
+
+    weighed, besteffort = pid("weighed"), pid("besteffort")
+    assert cgroup_file(weighed, "cpu", "cpu.shares") == "256"
+    assert cgroup_file(weighed, "cpu", "cpu.cfs_period_us") == "100000"
+    assert cgroup_file(weighed, "cpu", "cpu.cfs_quota_us") == "50000"
+    assert cgroup_file(weighed, "memory", "memory.limit_in_bytes") == str(64 << 20)
+    assert cgroup_file(besteffort, "cpu", "cpu.shares") == "2"
+    assert cgroup_file(besteffort, "cpu", "cpu.cfs_quota_us") == "-1"
+    env.kubectl("delete", "pod", "sized")
