@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,13 @@ V1 = Path("/sys/fs/cgroup")
 
 
 def cgroup_file(pid: int, controller: str, name: str) -> str:
-    """A cgroup v1 file of the process's `controller` cgroup (this machine mounts each controller apart)."""
+    """A cgroup v1 file of the process's `controller` cgroup (this machine mounts each controller apart);
+    name ".." gives the parent cgroup's path."""
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, controllers, rel = line.split(":", 2)
         if controller in controllers.split(","):
+            if name == "..":
+                return str(Path(rel).parent)
             return (V1 / controllers / rel.lstrip("/") / name).read_text().strip()
     raise AssertionError(f"pid {pid} has no {controller} cgroup")
 
@@ -53,5 +57,10 @@ spec:
     assert cgroup_file(weighed, "cpu", "cpu.cfs_quota_us") == "50000"
     assert cgroup_file(weighed, "memory", "memory.limit_in_bytes") == str(64 << 20)
     assert cgroup_file(besteffort, "cpu", "cpu.shares") == "2"
+    # both sit under the node's pods parent, which weighs the host's cores beside the VMs' (as kubepods does):
+    # 2 shares make a BestEffort container yield to other pods, not to every busy process of the host
+    parent = cgroup_file(weighed, "cpu", "..")
+    assert parent.startswith("/virtplane/pods-") and parent == cgroup_file(besteffort, "cpu", "..")
+    assert cgroup_file(weighed, "cpu", "../cpu.shares") == str(1024 * (os.cpu_count() or 1))
     assert cgroup_file(besteffort, "cpu", "cpu.cfs_quota_us") == "-1"
     env.kubectl("delete", "pod", "sized")

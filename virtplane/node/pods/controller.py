@@ -95,6 +95,8 @@ class PodController:
 
     async def shutdown(self) -> None:
         await self.queue.stop()
+        if self.runtime.cpu_control is not None:
+            self.runtime.cpu_control.close()  # only when no container runs in it any more
 
     def sandbox_for(self, namespace: str, name: str) -> Sandbox | None:
         return self.sandboxes.get((namespace, name))

@@ -169,12 +169,14 @@ class PodRuntime:
     """Host-side operations for pods of one node. Blocking work runs in threads."""
 
     def __init__(self, root: Path, *, node_name: str, conflist: JSON, cni_path: Sequence[Path] = cni.DEFAULT_CNI_PATH,
-                 cgroup_prefix: str = "virtplane") -> None:  # fmt: skip
+                 cgroup_prefix: str = "virtplane", cgroup_parent: str = "") -> None:  # fmt: skip
         self.root = root
         self.node_name = node_name
         self.conflist = conflist
         self.cni_path = tuple(cni_path)
         self.cgroup_prefix = cgroup_prefix
+        self.cgroup_parent = cgroup_parent  # e.g. /virtplane/pods-<hash>: weighs the node's cores (setup.build)
+        self.cpu_control: cgroups.CPUControl | None = None  # that parent, released when the agent stops
         self.runc_root = root / "runc"
         self.sandboxes_dir = root / "sandboxes"
 
@@ -248,7 +250,7 @@ class PodRuntime:
             (cd / sub).mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_mount_overlay, image.layers, cd)
         spec = oci_spec(process=process, mounts=[*self._sandbox_mounts(sb), *mounts], netns=str(netns.path(sb.netns)),
-                        hostname=sb.name, cgroups_path=f"/{self.cgroup_prefix}-{sb.runc_id(name)}",
+                        hostname=sb.name, cgroups_path=f"{self.cgroup_parent}/{self.cgroup_prefix}-{sb.runc_id(name)}",
                         resources=resources)  # fmt: skip
         (cd / "config.json").write_text(json.dumps(spec))
         log_path = sb.log_path(name, restart)
