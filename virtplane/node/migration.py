@@ -60,6 +60,17 @@ TICK_SECONDS = 1.0  # between passes, the timeouts are checked this often
 DONE = ("completed", "failed", "cancelled")
 UNLIMITED_BANDWIDTH = 2**62  # bytes/s: libvirt's "unlimited" is as large
 TLS_ID = "migration-tls"
+# RFC 7919's ffdhe2048 group (public, fixed), PKCS#3 as `openssl genpkey -genparam -algorithm DH -pkeyopt
+# group:ffdhe2048` writes it
+FFDHE2048 = """-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 PSK_USER = "virtplane"
 
 
@@ -165,18 +176,21 @@ class NodeMigrations:
         machine.add_state_listener(ctl._listener(key))
         ctl.runtimes[key] = rt
         t_built = time.monotonic()
+        tls = not (ms.get("migrationConfiguration") or {}).get("disableTLS")
+        psk = asyncio.create_task(self._psk(vmi)) if tls else None  # the API read overlaps QEMU's start
         try:
             await machine.start(incoming=True)
             t_started = time.monotonic()
             network.release(meta["uid"])
             await machine.set_migration(capabilities(ms, target=True), {})
-            tls = not (ms.get("migrationConfiguration") or {}).get("disableTLS")
-            if tls:
-                await self._tls(machine, vmi, endpoint="server")
+            if psk is not None:
+                await self._tls(machine, await psk, endpoint="server")
                 await machine.monitor_command("migrate-set-parameters", {"tls-creds": TLS_ID})
             addrs = await machine.listen_incoming(f"tcp:{ctl.node_ip}:0")
             port = int(addrs[0]["port"])
         except (HypervisorError, KeyError, IndexError, ValueError) as err:
+            if psk is not None and not psk.done():
+                psk.cancel()
             reason = f"the target QEMU on {self.node} did not start: {err} ({machine.reason})"
             await self._write_state(key, {"failed": True, "failureReason": reason, "endTimestamp": st.now_rfc3339()})
             await self._drop_target(rt, reason)
@@ -319,7 +333,7 @@ class NodeMigrations:
         try:
             await machine.set_migration(capabilities(ms, target=False), params)
             if not cfg.get("disableTLS"):
-                await self._tls(machine, vmi, endpoint="client")
+                await self._tls(machine, await self._psk(vmi), endpoint="client")
                 await machine.monitor_command("migrate-set-parameters", {"tls-creds": TLS_ID})
         except HypervisorError as err:
             await self._write_state(key, {"failed": True, "failureReason": f"cannot prepare the source: {err}",
@@ -451,22 +465,28 @@ class NodeMigrations:
         log.info("migration source of %s/%s cleaned up", *key)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    async def _tls(self, machine: Machine, vmi: JSON, *, endpoint: str) -> None:
-        """TLS for the migration stream: TLS-PSK (GnuTLS, as QEMU's tls-creds-psk) with a random 256-bit key
-        per migration, which the migration controller keeps in a Secret owned by the VMIM (named in
-        migrationState.tlsSecret): both ends, and only readers of that Secret, can speak on the stream."""
+    async def _psk(self, vmi: JSON) -> str:
+        """The migration's TLS-PSK key: random, 256 bits, in a Secret the migration controller made (owned by
+        the VMIM): both ends, and only readers of that Secret, can speak on the stream."""
         name = tls_secret_name(str(migration_state(vmi).get("migrationUid") or ""))
         try:
             secret = await self.ctl.client.get(SECRETS, str(name), vmi["metadata"].get("namespace"))
         except rest.APIError as err:
             raise HypervisorError(f"migration TLS secret {name}: {err}") from err
-        key_hex = base64.b64decode((secret.get("data") or {}).get("psk", "")).decode()
+        return base64.b64decode((secret.get("data") or {}).get("psk", "")).decode()
+
+    async def _tls(self, machine: Machine, key_hex: str, *, endpoint: str) -> None:
+        """TLS for the migration stream: QEMU's tls-creds-psk (GnuTLS) with the migration's key. The directory
+        also holds DH parameters (RFC 7919's ffdhe2048): without them a server QEMU generates its own, which
+        costs ~0.2-1 s of the target's preparation under TCG load."""
         psk_dir = Path(machine.runtime.path) / "migration-tls"
         psk_dir.mkdir(mode=0o700, exist_ok=True)
         (psk_dir / "keys.psk").write_text(f"{PSK_USER}:{key_hex}\n")
         (psk_dir / "keys.psk").chmod(0o600)
-        with contextlib.suppress(HypervisorError):
-            await machine.monitor_command("object-del", {"id": TLS_ID})
+        (psk_dir / "dh-params.pem").write_text(FFDHE2048)
+        if endpoint == "client":  # a source QEMU may hold an earlier migration's credentials
+            with contextlib.suppress(HypervisorError):
+                await machine.monitor_command("object-del", {"id": TLS_ID})
         obj = {"qom-type": "tls-creds-psk", "id": TLS_ID, "endpoint": endpoint, "dir": str(psk_dir)}
         if endpoint == "client":
             obj["username"] = PSK_USER  # the server looks the key up by the client's name
