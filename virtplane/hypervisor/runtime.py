@@ -122,13 +122,16 @@ class NetworkAttachment:
     - `user`: QEMU's user-mode network. Only for this layer's own tests: no isolation, no masquerade rules.
       `user_options` are extra netdev properties (net, host, dhcpstart, ...): the node agent uses them to
       give the guest KubeVirt's masquerade addressing until the network layer provides real masquerade.
+    - `stream`: a unix stream socket a user-mode network helper listens on (passt, for KubeVirt's passt
+      binding); QEMU connects to `socket_path` as a client (`-netdev stream`).
     """
 
-    kind: Literal["tap", "fd", "user"]
+    kind: Literal["tap", "fd", "user", "stream"]
     tap_name: str | None = None
     fd: int | None = None
     vhost: bool = False
     user_options: tuple[tuple[str, str], ...] = ()
+    socket_path: str | None = None
 
     @classmethod
     def tap(cls, name: str, *, vhost: bool = False) -> NetworkAttachment:
@@ -143,11 +146,17 @@ class NetworkAttachment:
     def user(cls, **options: str) -> NetworkAttachment:
         return cls(kind="user", user_options=tuple(sorted(options.items())))
 
+    @classmethod
+    def stream(cls, socket_path: str) -> NetworkAttachment:
+        return cls(kind="stream", socket_path=socket_path)
+
     def __post_init__(self) -> None:
         if self.kind == "tap" and not self.tap_name:
             raise ValueError("tap attachment needs tap_name")
         if self.kind == "fd" and (self.fd is None or self.fd < 0):
             raise ValueError("fd attachment needs an open fd")
+        if self.kind == "stream" and not self.socket_path:
+            raise ValueError("stream attachment needs socket_path")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,8 +7,12 @@ handing the guest 10.0.2.2/24 (gateway 10.0.2.1), and nftables NAT — guest tra
 masqueraded to the pod IP, connections to the pod IP on the interface's `ports` (all ports when there are
 none) are DNATed to the guest.
 
-What a teardown needs (the CNI config that was ADDed, the dnsmasq pid) is written to a state file per VMI,
-so DEL works after an agent restart too.
+KubeVirt's passt binding instead: after the same CNI ADD, `passt` runs in the netns and QEMU connects to its
+unix socket; passt gives the guest the pod IP itself (DHCP, the netns' gateway and routes) and forwards the
+interface's `ports` (all when there are none) from the pod IP to the guest. No bridge, tap, dnsmasq or NAT.
+
+What a teardown needs (the CNI config that was ADDed, the dnsmasq and passt pids) is written to a state file
+per VMI, so DEL works after an agent restart too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -67,6 +72,7 @@ class PodAttachment:
     netns: str
     pod_ip: str
     tap_fd: int | None  # owned by the caller: close it once QEMU has it
+    socket: str | None = None  # the passt binding: the unix socket QEMU connects to
 
 
 def nft_rules(pod_ip: str, ports: Sequence[tuple[str, int]]) -> str:
@@ -91,6 +97,12 @@ def nft_rules(pod_ip: str, ports: Sequence[tuple[str, int]]) -> str:
   }}
 }}
 """
+
+
+def is_passt(iface: Mapping[str, Any]) -> bool:
+    """KubeVirt's passt binding, either spelling: core `passtBinding: {}` or the plugin `binding: {name: passt}`."""
+    binding = iface.get("binding")
+    return "passtBinding" in iface or (isinstance(binding, Mapping) and binding.get("name") == "passt")
 
 
 def interface_ports(iface: Mapping[str, Any]) -> list[tuple[str, int]]:
@@ -146,8 +158,9 @@ class PodNetwork:
         return self._ips[uid]
 
     async def setup(self, uid: str, ports: Sequence[tuple[str, int]] = (),
-                    dns_search: Sequence[str] = ()) -> PodAttachment:  # fmt: skip
-        """Everything or nothing: on any failure what was done is undone (CNI DEL, netns removed)."""
+                    dns_search: Sequence[str] = (), *, binding: str = "masquerade") -> PodAttachment:  # fmt: skip
+        """Everything or nothing: on any failure what was done is undone (CNI DEL, netns removed). `binding`:
+        masquerade (a tap fd for QEMU) or passt (a socket for QEMU)."""
         try:
             conflist = self.conflist()
         except cni.CNIError as err:
@@ -159,6 +172,7 @@ class PodNetwork:
         await self.teardown(uid)
         self._save(uid, state)  # before anything exists, so a crash mid-setup can still be undone
         fd: int | None = None
+        sock = ""
         try:
             await netns.add(ns)
             await netns.run_in(ns, ["ip", "link", "set", "lo", "up"])
@@ -170,9 +184,13 @@ class PodNetwork:
             state["podIP"] = pod_ip
             state["result"] = result
             self._save(uid, state)
-            state["dnsmasqPid"] = await self._masquerade(ns, uid, pod_ip, ports, dns_search)
-            self._save(uid, state)
-            fd = await asyncio.to_thread(netns.open_tap, ns, TAP)
+            if binding == "passt":
+                state["passtPid"], sock = await self._start_passt(ns, uid, ports)
+                self._save(uid, state)
+            else:
+                state["dnsmasqPid"] = await self._masquerade(ns, uid, pod_ip, ports, dns_search)
+                self._save(uid, state)
+                fd = await asyncio.to_thread(netns.open_tap, ns, TAP)
         except (cni.CNIError, netns.NetnsError, PodNetworkError, OSError, ValueError) as err:
             if fd is not None:
                 os.close(fd)
@@ -180,7 +198,50 @@ class PodNetwork:
             msg = str(err)
             raise PodNetworkError(msg if msg.startswith("pod network") else f"pod network: {msg}") from None
         self._ips[uid] = pod_ip
+        if binding == "passt":
+            return PodAttachment(uid=uid, netns=ns, pod_ip=pod_ip, tap_fd=None, socket=sock)
         return PodAttachment(uid=uid, netns=ns, pod_ip=pod_ip, tap_fd=fd)
+
+    def _passt_dir(self, uid: str) -> Path:
+        node = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]
+        return Path("/run/virtplane") / f"passt-{node}" / uid
+
+    async def _start_passt(self, ns: str, uid: str, ports: Sequence[tuple[str, int]]) -> tuple[int, str]:
+        """passt in the VMI's netns, listening on a unix socket for QEMU; it quits when QEMU disconnects (-1).
+        passt detaches from the process we start (its sandboxing re-executes it) and drops to `nobody`, so its
+        socket and pid file live in a directory `nobody` owns and can reach (under /run: a node's data dir may
+        be closed to other users), and we learn its pid from that file."""
+        d = self.state_dir / "pods" / uid
+        d.mkdir(parents=True, exist_ok=True)
+        run = self._passt_dir(uid)
+        for parent in reversed(run.parents[:3]):  # /run/virtplane/<node>: traversable by `nobody`
+            parent.mkdir(exist_ok=True)
+            parent.chmod(0o755)
+        run.mkdir(exist_ok=True)
+        os.chown(run, *_NOBODY)
+        sock, pidfile = run / "passt.sock", run / "passt.pid"
+        sock.unlink(missing_ok=True)
+        pidfile.unlink(missing_ok=True)
+        forward: list[str] = []
+        for flag, proto in (("-t", "tcp"), ("-u", "udp")):
+            nums = sorted({p for pr, p in ports if pr.lower() == proto})
+            # KubeVirt forwards every port when the interface lists none, and only the listed ones otherwise
+            forward += [flag, ",".join(str(n) for n in nums) if nums else ("none" if ports else "all")]
+        # passt relays the guest's pings through ICMP "ping sockets", which the netns must allow its user
+        await netns.run_in(ns, ["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
+        argv = netns.in_netns(ns, ["passt", "--foreground", "--quiet", "--one-off", "--socket", str(sock),
+                                   "--pid", str(pidfile), "--log-file", str(d / "passt.log"), *forward])
+        await asyncio.to_thread(_spawn, argv, d / "passt.stderr")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not (sock.exists() and pidfile.exists() and pidfile.read_text().strip()):
+            if loop.time() > deadline:
+                log_text = (d / "passt.log").read_text(errors="replace") if (d / "passt.log").exists() else ""
+                errs = [ln.split("ERROR:", 1)[1].strip() for ln in log_text.splitlines() if "ERROR:" in ln]
+                raise PodNetworkError("pod network: passt did not start: "
+                                      f"{'; '.join(errs) or 'no socket within 10 s, see ' + str(d / 'passt.log')}")
+            await asyncio.sleep(0.02)
+        return int(pidfile.read_text().strip()), str(sock)
 
     async def _masquerade(self, ns: str, uid: str, pod_ip: str, ports: Sequence[tuple[str, int]],
                           dns_search: Sequence[str]) -> int:  # fmt: skip
@@ -336,9 +397,9 @@ class PodNetwork:
             inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
                                  ifname=sec["ifname"])  # fmt: skip
             errors += await cni.delete(sec["conflist"], inv, self.cni_path, sec.get("result"), quiet=True)
-        pid = state.get("dnsmasqPid")
-        if pid:
-            await asyncio.to_thread(_stop_pid, int(pid))
+        for key in ("dnsmasqPid", "passtPid"):
+            if state.get(key):
+                await asyncio.to_thread(_stop_pid, int(state[key]))
         conflist = state.get("conflist")
         if conflist:
             inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
@@ -347,11 +408,8 @@ class PodNetwork:
         await netns.delete(ns)
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
-        d = self.state_dir / "pods" / uid
-        for child in d.iterdir() if d.is_dir() else ():
-            child.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            d.rmdir()
+        shutil.rmtree(self.state_dir / "pods" / uid, ignore_errors=True)  # leases, logs
+        shutil.rmtree(self._passt_dir(uid), ignore_errors=True)
         for e in errors:
             log.warning("pod network teardown of %s: %s", uid, e)
         return errors
@@ -420,13 +478,17 @@ def _spawn(argv: Sequence[str], stderr: Path) -> subprocess.Popen[bytes]:
         )
 
 
+# passt drops to this user (it refuses to keep root); what it writes after that must be writable by it.
+_NOBODY = (65534, 65534)
+
+
 def _stop_pid(pid: int) -> None:
-    """dnsmasq we started (its pid from our state file): SIGTERM, reaped if it is our child."""
+    """dnsmasq or passt we started (its pid from our state file): SIGTERM, reaped if it is our child."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return
-    if b"dnsmasq" not in cmdline:
+    if b"dnsmasq" not in cmdline and b"passt" not in cmdline:
         return  # the pid was reused by something else: not ours to stop
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)

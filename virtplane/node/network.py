@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from virtplane.hypervisor.runtime import NetworkAttachment
 from virtplane.network import cni, netns
-from virtplane.network.pod import PodNetwork, PodNetworkError, interface_ports
+from virtplane.network.pod import PodNetwork, PodNetworkError, interface_ports, is_passt
 from virtplane.network.services import DEFAULT_DOMAIN
 
 from .status import MASQUERADE_CIDR, MASQUERADE_GATEWAY, MASQUERADE_GUEST_IP
@@ -84,7 +84,7 @@ def attachments(vmi: Mapping[str, Any]) -> dict[str, NetworkAttachment]:
         if "pod" not in network:
             kind = next((k for k in network if k != "name"), "unknown")
             raise NetworkSetupError(f"{field}: {kind} networks are not supported on this node yet")
-        binding = next((b for b in POD_BINDINGS if b in iface), None)
+        binding = "passt" if is_passt(iface) else next((b for b in POD_BINDINGS if b in iface), None)
         if binding is None:
             kind = next(
                 (
@@ -111,19 +111,28 @@ def attachments(vmi: Mapping[str, Any]) -> dict[str, NetworkAttachment]:
 
 
 def _pod_attachment(vmi: Mapping[str, Any], iface: Mapping[str, Any]) -> NetworkAttachment:
+    uid = (vmi.get("metadata") or {}).get("uid", "")
+    if is_passt(iface):
+        if uid not in _passt_sockets:
+            raise NetworkSetupError("the passt binding needs the CNI pod network on this node (virtplane node "
+                                    "--pod-network cni)" if _pod_network is None else
+                                    "the pod network was not set up for this VMI")  # fmt: skip
+        return NetworkAttachment.stream(_passt_sockets[uid])
     if _pod_network is None or "masquerade" not in iface:
         return masquerade_attachment()  # interim user mode (also the bridge binding on CNI nodes, for now)
-    fd = _tap_fds.get((vmi.get("metadata") or {}).get("uid", ""))
+    fd = _tap_fds.get(uid)
     if fd is None:
         raise NetworkSetupError("the pod network was not set up for this VMI")
     return NetworkAttachment.from_fd(fd)
 
 
 def _masquerade_iface(vmi: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pod network's interface when its binding is one the CNI pod network sets up (masquerade, passt)."""
     spec = vmi.get("spec") or {}
     pod_nets = {n.get("name") for n in spec.get("networks") or [] if "pod" in n}
     for iface in ((spec.get("domain") or {}).get("devices") or {}).get("interfaces") or []:
-        if iface.get("name") in pod_nets and "masquerade" in iface and iface.get("state") != "absent":
+        if iface.get("name") in pod_nets and ("masquerade" in iface or is_passt(iface)) \
+                and iface.get("state") != "absent":
             return iface
     return None
 
@@ -135,6 +144,8 @@ def cluster_search(namespace: str, domain: str = DEFAULT_DOMAIN) -> list[str]:
 
 # uid → our copy of the tap fd, from prepare() until QEMU has inherited it (release()).
 _tap_fds: dict[str, int] = {}
+# uid → passt's socket (the passt binding), from prepare() until teardown().
+_passt_sockets: dict[str, str] = {}
 # (uid, interface name) → our copy of a multus network's tap fd, likewise.
 _sec_fds: dict[tuple[str, str], int] = {}
 
@@ -166,7 +177,7 @@ async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None) -> N
     iface = _masquerade_iface(vmi)
     uid = _uid(vmi)
     secondaries = multus_interfaces(vmi)
-    if uid in _tap_fds:
+    if uid in _tap_fds or uid in _passt_sockets:
         return
     if secondaries and (_pod_network is None or iface is None):
         raise NetworkSetupError("multus networks need the CNI pod network on this node (virtplane node "
@@ -174,12 +185,16 @@ async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None) -> N
     if _pod_network is None or iface is None:
         return
     ns = (vmi.get("metadata") or {}).get("namespace") or "default"
+    binding = "passt" if is_passt(iface) else "masquerade"
     try:
-        att = await _pod_network.setup(uid, interface_ports(iface), dns_search=cluster_search(ns))
+        att = await _pod_network.setup(uid, interface_ports(iface), dns_search=cluster_search(ns), binding=binding)
     except PodNetworkError as err:
         raise NetworkSetupError(str(err)) from None
-    assert att.tap_fd is not None
-    _tap_fds[uid] = att.tap_fd
+    if att.socket is not None:
+        _passt_sockets[uid] = att.socket
+    else:
+        assert att.tap_fd is not None
+        _tap_fds[uid] = att.tap_fd
     try:
         for i, (name, ref) in enumerate(secondaries, start=1):
             nad_ns, _, nad_name = ref.rpartition("/")
@@ -271,6 +286,7 @@ def release(uid: str) -> None:
 async def teardown(uid: str) -> None:
     """CNI DEL (releases the pod IP), stop the DHCP server, remove the netns; a no-op without a pod network."""
     release(uid)
+    _passt_sockets.pop(uid, None)
     if _pod_network is not None and uid:
         await _pod_network.teardown(uid)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from virtplane.api import clock
 from virtplane.hypervisor.devices.interfaces import derived_mac, normalize_mac
+from virtplane.network.pod import is_passt
 
 JSON = dict[str, Any]
 
@@ -212,7 +213,7 @@ def interfaces_status(
         spec_iface = next((i for i in devices.get("interfaces") or [] if i.get("name") == name), {})
         entry: JSON = {"name": name, "mac": mac, "infoSource": "domain", "linkState": "up"}
         ips: list[str] = []
-        if "masquerade" in spec_iface:
+        if "masquerade" in spec_iface or is_passt(spec_iface):  # passt: the guest has the pod IP itself
             ips = [masquerade_ip]
         elif binding_ips and name in binding_ips:
             ips = [binding_ips[name]]  # a bridge binding's DHCP hands the guest this (a NAD's IPAM address)

@@ -103,8 +103,9 @@ async def test_cni_mode_hands_qemu_the_prepared_tap_fd(tmp_path: Path, monkeypat
             network.attachments(_vmi())  # never silently falls back to user mode on a CNI node
         r, w = os.pipe()
 
-        async def fake_setup(self: pod.PodNetwork, uid: str, ports: Any = (), dns_search: Any = ()
-                             ) -> pod.PodAttachment:
+        async def fake_setup(self: pod.PodNetwork, uid: str, ports: Any = (), dns_search: Any = (),
+                             binding: str = "masquerade") -> pod.PodAttachment:
+            assert binding == "masquerade"
             return pod.PodAttachment(uid=uid, netns="vp-u1", pod_ip="10.244.0.9", tap_fd=r)
 
         monkeypatch.setattr(pod.PodNetwork, "setup", fake_setup)
@@ -122,11 +123,39 @@ async def test_cni_mode_hands_qemu_the_prepared_tap_fd(tmp_path: Path, monkeypat
 async def test_cni_setup_failure_is_a_network_setup_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     network.configure_pod_network("cni", tmp_path)
     try:
-        async def failing(self: pod.PodNetwork, uid: str, ports: Any = (), dns_search: Any = ()) -> pod.PodAttachment:
+        async def failing(self: pod.PodNetwork, uid: str, ports: Any = (), dns_search: Any = (),
+                          binding: str = "masquerade") -> pod.PodAttachment:
             raise pod.PodNetworkError("pod network: CNI plugin bridge ADD failed: boom")
 
         monkeypatch.setattr(pod.PodNetwork, "setup", failing)
         with pytest.raises(network.NetworkSetupError, match="bridge ADD failed: boom"):
             await network.prepare(_vmi())
     finally:
+        network.configure_pod_network("user", tmp_path)
+
+
+async def test_passt_binding_hands_qemu_passts_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vmi = _vmi()
+    iface = vmi["spec"]["domain"]["devices"]["interfaces"][0]
+    iface.pop("masquerade", None)
+    iface["binding"] = {"name": "passt"}  # the plugin spelling; passtBinding: {} is the core one
+    with pytest.raises(network.NetworkSetupError, match="passt binding needs the CNI pod network"):
+        network.attachments(vmi)  # user mode: refused, not silently something else
+    network.configure_pod_network("cni", tmp_path)
+    try:
+        async def fake_setup(self: pod.PodNetwork, uid: str, ports: Any = (), dns_search: Any = (),
+                             binding: str = "masquerade") -> pod.PodAttachment:
+            assert binding == "passt"
+            return pod.PodAttachment(uid=uid, netns="vp-u1", pod_ip="10.244.0.9", tap_fd=None, socket="/run/x.sock")
+
+        monkeypatch.setattr(pod.PodNetwork, "setup", fake_setup)
+        await network.prepare(vmi)
+        att = network.attachments(vmi)["default"]
+        assert att.kind == "stream" and att.socket_path == "/run/x.sock"
+        from virtplane.hypervisor.devices.interfaces import plan_nic
+
+        nd = plan_nic(iface, att, mac_seed="s").netdev
+        assert nd["type"] == "stream" and nd["addr"] == {"type": "unix", "path": "/run/x.sock"} and not nd["server"]
+    finally:
+        await network.teardown("u-1")
         network.configure_pod_network("user", tmp_path)

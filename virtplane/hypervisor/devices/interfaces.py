@@ -1,8 +1,8 @@
 """Network interfaces: a netdev (the host side the network layer prepared) plus the guest NIC.
 
 The binding (masquerade, bridge, passt, plugins) is the network layer's business: by the time we build the
-command it has produced a tap device or an open tap fd per VMI network (`NetworkAttachment`). `user` is QEMU's
-user-mode network, used only by this layer's own tests.
+command it has produced a tap device, an open tap fd or (passt) a unix socket per VMI network
+(`NetworkAttachment`). `user` is QEMU's user-mode network, used only by this layer's own tests.
 
 Without a macAddress we derive a stable locally administered one (52:54:00 prefix, like libvirt) from the
 VMI's uid and the interface name: the guest keeps its MAC across restarts and adoption, and two VMs on one
@@ -118,6 +118,9 @@ def plan_nic(
     if attachment.kind == "user":
         nd["type"] = "user"
         nd.update(dict(attachment.user_options))
+    elif attachment.kind == "stream":
+        # passt's socket (QEMU >= 7.2): the helper listens, QEMU connects; frames carry a length prefix
+        nd.update({"type": "stream", "server": False, "addr": {"type": "unix", "path": attachment.socket_path}})
     else:
         nd["type"] = "tap"
         if attachment.kind == "tap":
