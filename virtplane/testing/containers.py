@@ -15,6 +15,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from virtplane.hypervisor import cgroups
+from virtplane.node.pods.runtime import release_cgroup_parent
+from virtplane.node.pods.setup import cgroup_scope
+
 from .guest import push_oci_layout
 
 BUSYBOX = Path("/usr/bin/busybox")
@@ -100,4 +104,6 @@ def cleanup_node_pods(cluster_dir: Path) -> list[str]:
         if ns and Path(f"/var/run/netns/{ns}").exists():
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
             removed.append(f"netns {ns}")
+    for node_dir in cluster_dir.glob("nodes/*"):  # the node's pods cgroup parent, once its containers are gone
+        release_cgroup_parent(f"/{cgroups.TOP}/{cgroup_scope(node_dir.resolve())}")
     return removed

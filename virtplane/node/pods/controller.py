@@ -33,7 +33,7 @@ from virtplane.client.events import EventRecorder
 from . import probes
 from . import spec as podspec
 from .images import ImageNotPresent, ImagePullError, ImageStore, default_pull_policy
-from .runtime import ContainerState, PodRuntime, RuntimeError_, Sandbox, read_state
+from .runtime import ContainerState, PodRuntime, RuntimeError_, Sandbox, read_state, release_cgroup_parent
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class PodController:
         await self.queue.stop()
         if self.runtime.cpu_control is not None:
             self.runtime.cpu_control.close()  # only when no container runs in it any more
+        await asyncio.to_thread(release_cgroup_parent, self.runtime.cgroup_parent)
 
     def sandbox_for(self, namespace: str, name: str) -> Sandbox | None:
         return self.sandboxes.get((namespace, name))

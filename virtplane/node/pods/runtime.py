@@ -330,6 +330,22 @@ def oci_spec(*, process: JSON, mounts: list[JSON], netns: str, hostname: str, cg
     }  # fmt: skip
 
 
+def release_cgroup_parent(parent: str) -> None:
+    """rmdir the node's pods cgroup parent (and `virtplane` above it) in every hierarchy runc made it in
+    (on cgroup v1: cpu, memory, pids ...), where nothing uses it any more; busy or missing is not an error."""
+    if not parent:
+        return
+    base = Path("/sys/fs/cgroup")
+    rel = Path(parent.lstrip("/"))
+    with contextlib.suppress(OSError):
+        roots = [base, *(h for h in base.iterdir() if h.is_dir() and not h.is_symlink())]
+        for root in roots:
+            for d in (root / rel, root / rel.parent):
+                if d != root:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+
+
 def cgroup_resources(limits: Mapping[str, int], cpu_request: int = 0) -> JSON:
     """linux.resources from container limits (bytes, millicores) and the CPU request (millicores), as the
     kubelet sets them: the request as cpu.shares (1024 a core, 2 for none: cgroups.shares_for), a CPU limit as

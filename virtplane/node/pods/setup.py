@@ -22,6 +22,11 @@ def default_pod_cidr(data_dir: Path) -> str:
     return f"10.88.{h[0]}.0/24"
 
 
+def cgroup_scope(data_dir: Path) -> str:
+    """The node's pods cgroup parent under `virtplane/` (named by the data dir, as the runc prefix is)."""
+    return f"pods-{hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]}"
+
+
 def build(client: rest.Client, *, node_name: str, node_ip: str, data_dir: Path,
           insecure_registries: tuple[str, ...]) -> tuple[PodController, informer.Informer]:  # fmt: skip
     root = data_dir / "pods"
@@ -33,7 +38,7 @@ def build(client: rest.Client, *, node_name: str, node_ip: str, data_dir: Path,
     # The node's containers sit under one CPU-weighted parent beside the VMs' (`virtplane/pods-<hash>`, weighing
     # the host's cores, as kubepods does): inside it each weighs its request, so a BestEffort container's 2
     # shares make it yield to other pods, not to every process of the host.
-    control = cgroups.CPUControl.detect(f"pods-{digest}")
+    control = cgroups.CPUControl.detect(cgroup_scope(data_dir))
     parent = f"/{cgroups.TOP}/{control.scope_dir.name}" if control is not None else ""
     runtime = PodRuntime(root, node_name=node_name, conflist=conflist, cgroup_prefix=f"vp{digest}",
                          cgroup_parent=parent)  # fmt: skip
