@@ -18,6 +18,7 @@ from virtplane.apiserver import auth, pki, server, serviceips
 from virtplane.cli import demo, join, nodes
 from virtplane.client import rest
 from virtplane.controllers import manager
+from virtplane.hypervisor import cgroups
 from virtplane.network.nodenet import ClusterNetwork
 from virtplane.storage import registry
 from virtplane.store import open_store
@@ -106,6 +107,8 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
         nodenet = await ClusterNetwork.for_data_dir(data_dir).setup_bridge()
         nodenet.save(data_dir)
     api, certs, token = prepare_apiserver(args, (nodenet.gateway,) if nodenet else ())
+    # The control plane's CPU reserve beside the VMs (cgroups.py); the node agents `up` starts inherit it.
+    cgroups.join_system_group()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -171,6 +174,7 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
 
 
 async def run_controller(args: argparse.Namespace) -> int:
+    cgroups.join_system_group()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,6 +212,7 @@ async def run_node(args: argparse.Namespace) -> int:
     # before anything else: a join that cannot go through must leave nothing configured
     kubeconfig = await asyncio.to_thread(join.kubeconfig_for_node, args)
     network.configure_pod_network(args.pod_network, args.data_dir, pod_cidr=args.pod_cidr, cni_config=args.cni_config)
+    cgroups.join_system_group()  # a no-op under `up` (already there); a node agent run on its own joins here
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -143,6 +143,7 @@ class LaunchRecord:
     hotplug: HotplugContext
     taps: dict[str, str]  # interface name → host tap name (for network statistics)
     started_at: float = 0.0
+    cpu_cores: float | None = None  # the CPU request its weight stands for (None: recorded before it was kept)
 
     def to_json(self) -> JSON:
         data = dataclasses.asdict(self)
@@ -161,6 +162,7 @@ class LaunchRecord:
             hotplug=HotplugContext(**(data.get("hotplug") or {})),
             taps=dict(data.get("taps") or {}),
             started_at=float(data.get("started_at") or 0.0),
+            cpu_cores=None if data.get("cpu_cores") is None else float(data["cpu_cores"]),
         )
 
 
@@ -204,15 +206,18 @@ def _cpu_request_cores(domain: Mapping[str, Any]) -> float:
 class Machine:
     """One VM's QEMU process. Create with `Machine.create(...)` (then `start()`), or `Machine.adopt(dir)`."""
 
-    QMP_CONNECT_TIMEOUT: ClassVar[float] = 10.0
+    # How long a QEMU that is alive may take to answer on its monitor. A dead one is noticed at once (the
+    # process watch), so this only bounds a hung start-up; 10 s failed VMIs whose QEMU was merely starved on a
+    # loaded host (bench/density.py).
+    QMP_CONNECT_TIMEOUT: ClassVar[float] = 60.0
 
     def __init__(self, runtime: RuntimeDir, record: LaunchRecord, *, pass_fds: Iterable[int] = (),
-                 seed_files: Iterable[tuple[str, str]] = (), cpu_cores: float = 0.0,
+                 seed_files: Iterable[tuple[str, str]] = (),
                  cpu_control: cgroups.CPUControl | None = None) -> None:  # fmt: skip
         self.runtime = runtime
         self.record = record
-        # CPU weight of the VM's CPU request: its own cgroup under the node's (cgroups.py), else a niceness.
-        self._cpu_cores = cpu_cores
+        # CPU weight of the VM's CPU request (record.cpu_cores): its own cgroup under the node's (cgroups.py),
+        # else a niceness.
         self._cpu_control = cpu_control
         self._cgroup: Path | None = None
         self._pass_fds = tuple(pass_fds)
@@ -269,9 +274,9 @@ class Machine:
         record = LaunchRecord(
             argv=plan.argv, spec_hash=plan.spec_hash, accel=plan.accel, hotplug_ports=plan.hotplug_ports,
             has_scsi_controller=plan.has_scsi_controller, hotplug=hotplug, taps=taps,
+            cpu_cores=_cpu_request_cores(domain),
         )  # fmt: skip
-        return cls(runtime, record, pass_fds=plan.pass_fds, seed_files=plan.seed_files,
-                   cpu_cores=_cpu_request_cores(domain), cpu_control=cpu_control)
+        return cls(runtime, record, pass_fds=plan.pass_fds, seed_files=plan.seed_files, cpu_control=cpu_control)
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -365,6 +370,16 @@ class Machine:
                 await self._abort_start(err)
                 raise
 
+    def _take_cpu_weight(self) -> None:
+        """Move QEMU (every thread) from the node agent's CPU weight to its VM's: its own cgroup weighing the
+        CPU request under the node's (cgroups.py), else a niceness. Threads QEMU starts later inherit it."""
+        assert self.pid is not None
+        cores = self.record.cpu_cores or 0.0
+        if self._cpu_control is not None:
+            self._cgroup = self._cpu_control.place(self.pid, self.runtime.path.name, cores)
+        if self._cgroup is None:
+            set_niceness(self.pid, nice_for_cpu_request(cores))
+
     def _prepare_runtime(self) -> None:
         """Fresh sockets and bookkeeping; seed files (OVMF vars) only when missing, so NVRAM persists."""
         rt = self.runtime
@@ -382,15 +397,15 @@ class Machine:
     async def _launch(self, timeout: float) -> None:  # noqa: ASYNC109
         rt = self.runtime
         self._prepare_runtime()
+        # QEMU starts up (exec, machine construction, the monitor handshake: ~30 ms of CPU under TCG) with the
+        # node agent's CPU weight, as launching is the node's work; then, with its vCPUs still stopped, it takes
+        # its VM's weight, so no guest instruction runs outside it. Placed at spawn instead, a start-up behind
+        # 99 booting guests got 1/100 of its node's VM share and took seconds (docs/vm-runtime.md "CPU weight").
         self.pid = spawn(self.record.argv, rt.stderr_log, self._pass_fds)
-        # QEMU is still setting up: the threads it starts next inherit its cgroup and niceness.
-        if self._cpu_control is not None:
-            self._cgroup = self._cpu_control.place(self.pid, rt.path.name, self._cpu_cores)
-        if self._cgroup is None:
-            set_niceness(self.pid, nice_for_cpu_request(self._cpu_cores))
         _write_atomic(rt.pid_file, f"{self.pid}\n".encode())
         self._watch = ProcessWatch(self.pid, self._on_exit)
         await self._attach_monitor(timeout)
+        self._take_cpu_weight()
 
     async def _attach_monitor(self, timeout: float) -> None:  # noqa: ASYNC109
         qmp = QMP(self.runtime.qmp_sock, name=f"qmp-{self.pid}")
@@ -870,12 +885,14 @@ class Machine:
 
     # -- adoption ------------------------------------------------------------------------------------
     @classmethod
-    async def adopt(cls, runtime: RuntimeDir, *, timeout: float = 10.0) -> Machine | None:  # noqa: ASYNC109
+    async def adopt(cls, runtime: RuntimeDir, *, timeout: float = 10.0,  # noqa: ASYNC109
+                    cpu_control: cgroups.CPUControl | None = None) -> Machine | None:  # fmt: skip
         """Re-attach to the QEMU started in `runtime` (after a node agent restart).
 
         None when nothing was ever launched there. Otherwise a Machine whose state comes from QEMU itself
         (query-status), or Stopped/Crashed with the reason when the process is gone: the exit status when a
-        Machine of this agent reaped it, else "process gone".
+        Machine of this agent reaped it, else "process gone". A QEMU whose agent died before it took its VM's
+        CPU weight (between spawn and the monitor handshake) takes it now.
         """
         try:
             record = LaunchRecord.from_json(json.loads(runtime.cmdline_file.read_text()))
@@ -883,7 +900,7 @@ class Machine:
             return None
         except (ValueError, KeyError, TypeError) as err:
             raise HypervisorError(f"{runtime.cmdline_file} is unreadable: {err}") from err
-        machine = cls(runtime, record)
+        machine = cls(runtime, record, cpu_control=cpu_control)
         try:
             machine.pid = int(runtime.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
@@ -917,6 +934,8 @@ class Machine:
                 pass
             await machine.detach()
             raise HypervisorError(f"cannot adopt QEMU pid {pid}: {err}") from err
+        if machine._cgroup is None and record.cpu_cores is not None:
+            machine._take_cpu_weight()
         qemu_status = str(status.get("status"))
         machine._set_state(_QEMU_STATUS.get(qemu_status, RunState.PAUSED), f"adopted ({qemu_status})")
         if qemu_status == "shutdown":

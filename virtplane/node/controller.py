@@ -134,7 +134,7 @@ class VMIController:
             if rt is None:
                 continue
             try:
-                machine = await Machine.adopt(RuntimeDir(path))
+                machine = await Machine.adopt(RuntimeDir(path), cpu_control=self.cpu_control)
             except HypervisorError as err:
                 log.error("cannot adopt the QEMU in %s: %s", path, err)
                 continue

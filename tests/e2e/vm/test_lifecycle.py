@@ -26,6 +26,19 @@ from virtplane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 SUB = "/apis/subresources.kubevirt.io/v1/namespaces/default"
+V1 = Path("/sys/fs/cgroup/cpu/cpu.shares").exists()  # cgroup v1's cpu hierarchy, else v2's unified one
+
+
+def cpu_cgroup(pid: int) -> str:
+    """The process's cgroup in the CPU controller's hierarchy, e.g. /virtplane-system."""
+    line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if "cpu" in ln.split(":")[1].split(",") or ln.startswith("0::"))
+    return line.split(":", 2)[2]
+
+
+def cpu_weight(rel: str) -> str:
+    return (Path(f"/sys/fs/cgroup/cpu{rel}/cpu.shares") if V1 else Path(f"/sys/fs/cgroup{rel}/cpu.weight")) \
+        .read_text().strip()
 
 # The user's workload: counts on the serial console once a second, so pauses and restarts are visible.
 TICKER = """#!/bin/sh
@@ -120,15 +133,15 @@ def test_vm_runs_boots_and_applies_cloud_init(cluster: Cluster, image: str) -> N
     assert "virt-launcher-life-" in pods
     # No CPU request: 1 vCPU / KubeVirt's allocation ratio 10 = 100m, weighted as the kubelet weighs 100m
     # (102 cpu.shares in a cgroup under the node's), so booting guests cannot starve the node agent.
-    pid = int((cluster.data_dir / "nodes" / vmi["status"]["nodeName"] / "runtime" / "default_life" / "pid").read_text())
-    cpu_line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                    if "cpu" in ln.split(":")[1].split(",") or ln.startswith("0::"))
-    rel = cpu_line.split(":", 2)[2]
+    node_dir = cluster.data_dir / "nodes" / vmi["status"]["nodeName"]
+    rel = cpu_cgroup(int((node_dir / "runtime" / "default_life" / "pid").read_text()))
     assert rel.startswith("/virtplane/virtplane-node-") and rel.endswith("/default_life"), rel
-    if Path("/sys/fs/cgroup/cpu/cpu.shares").exists():
-        assert Path(f"/sys/fs/cgroup/cpu{rel}/cpu.shares").read_text().strip() == "102"
-    else:
-        assert Path(f"/sys/fs/cgroup{rel}/cpu.weight").read_text().strip() == "4"
+    assert cpu_weight(rel) == ("102" if V1 else "4")
+    # The control plane (here the node agent) sits beside the VMs with 8x the host's cores as its reserve, so
+    # booting guests cannot starve the agent that reports them Running.
+    assert cpu_cgroup(int((node_dir / "agent.pid").read_text())) == "/virtplane-system"
+    shares = 8 * 1024 * (os.cpu_count() or 1)
+    assert cpu_weight("/virtplane-system") == (str(shares) if V1 else str(1 + (shares - 2) * 9999 // 262142))
     metrics = cluster.get_raw("/metrics").decode()
     assert re.search(r'kubevirt_vmi_phase_count\{node="virtplane-node-\d+",phase="running"[^}]*\} [1-9]', metrics)
 
