@@ -193,12 +193,16 @@ async def create_paced(client: rest.Client, env: Env, run: Run, count: int, inte
 
 
 async def wait_all_running(watch: VMIWatch, run: Run, timeout: float) -> dict[str, float]:  # noqa: ASYNC109
-    """name → seconds from POST to the Running event, for every VMI that got there within timeout."""
+    """name → seconds from POST to the Running event, for every VMI that got there within timeout. A VMI that
+    went Failed first is not waited for (it never becomes Running); the report names it."""
     async def one(name: str) -> tuple[str, float | None]:
-        try:
-            return name, await watch.wait(name, "Running", timeout=timeout) - run.created[name]
-        except TimeoutError:
-            return name, None
+        waits = [asyncio.create_task(watch.wait(name, phase, timeout=timeout)) for phase in ("Running", "Failed")]
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        if waits[0] in done and not waits[0].exception():
+            return name, waits[0].result() - run.created[name]
+        return name, None
 
     got = await asyncio.gather(*(one(n) for n in run.created))
     return {n: t for n, t in got if t is not None}
@@ -217,6 +221,27 @@ async def wait_all_ready(paths: dict[str, Path], run: Run, timeout: float) -> di
                     del pending[name]
         await asyncio.sleep(1.0)
     return done
+
+
+def spawned_at(runtime_dir: Path) -> float | None:
+    """Wall-clock time the node agent spawned the VM's QEMU (cmdline.json's started_at)."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return float(json.loads((runtime_dir / "cmdline.json").read_text())["started_at"])
+    return None
+
+
+def cpu_split(env: Env) -> dict[str, float]:
+    """CPU seconds so far: `virtplane up` (API server, controllers, scheduler), its node agents, the QEMUs (their
+    children: helpers that exited are counted once reaped)."""
+    assert env.cluster.proc is not None
+    up = env.cluster.proc.pid
+    out = {"up": 0.0, "node agents": 0.0, "QEMUs": 0.0}
+    for pid in descendants(up):
+        with contextlib.suppress(OSError):
+            comm = Path(f"/proc/{pid}/comm").read_text()
+            key = "up" if pid == up else "QEMUs" if comm.startswith("qemu") else "node agents"
+            out[key] += cpu_seconds(pid)
+    return out
 
 
 def summary(label: str, xs: list[float]) -> str:
@@ -240,6 +265,7 @@ async def measure(env: Env, args: argparse.Namespace, n_nodes: int) -> None:
                   flush=True)
             cp_rss0 = control_plane_rss(env)
             writes0 = await api_stats(client)
+            cpu0 = cpu_split(env)
             t_first = time.monotonic()
             await create_paced(client, env, run, args.count, args.interval, args.memory, args.cpu, args.grace,
                                args.paused)
@@ -247,24 +273,33 @@ async def measure(env: Env, args: argparse.Namespace, n_nodes: int) -> None:
             running = await wait_all_running(watch, run, args.running_timeout)
             writes1 = await api_stats(client)
             t_all_running = time.monotonic()
+            cpu1 = cpu_split(env)
             n = len(run.created)
             print(f"created {n} VMIs in {t_posted - t_first:.1f} s; {len(running)} Running, the last "
                   f"{t_all_running - t_first:.1f} s after the first POST; load {loadavg()}", flush=True)
+            failed = sorted(name for name, s in watch.seen.items() if name in run.created and "Failed" in s.phases)
+            if failed:
+                print(f"  {len(failed)} Failed instead: {', '.join(failed[:10])}")
             lat = list(running.values())
             report_latency(watch, run, lat)
             report_writes(writes1 - writes0, n)
+            print("CPU seconds from the first POST to the last Running: " + ", ".join(
+                f"{k} {cpu1[k] - cpu0.get(k, 0.0):.1f}" for k in cpu1) + f" (wall {t_all_running - t_first:.1f} s)")
 
             # idle memory once the guests have booted
             paths = {name: env.runtime_dir(watch.seen[name].node, name) for name in running}
-            spawned = []
-            for name, path in paths.items():
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    started = json.loads((path / "cmdline.json").read_text())["started_at"]
-                    spawned.append(started - run.created_wall[name])
+            spawned = [started - run.created_wall[name] for name, path in paths.items()
+                       if (started := spawned_at(path)) is not None]
             if spawned:
                 print("  " + summary("creation → QEMU spawned", spawned) + " (cmdline.json started_at)")
+                to_running = [running[name] - (started - run.created_wall[name]) for name, started in (
+                    (name, spawned_at(paths[name])) for name in running) if started is not None]
+                if to_running:
+                    print("  " + summary("QEMU spawned → Running", to_running))
+            if args.skip_boot:
+                print("--skip-boot: no boot, memory or idle figures")
             ready: dict[str, float] = {}
-            if not args.paused:  # paused guests never boot
+            if not args.paused and not args.skip_boot:  # paused guests never boot
                 t_boot = time.monotonic()
                 ready = await wait_all_ready({k: p / "console.log" for k, p in paths.items()}, run, args.boot_timeout)
                 last = f", the last {max(ready.values()) - t_first:.0f} s after the first POST" if ready else ""
@@ -364,6 +399,8 @@ def main() -> None:
     p.add_argument("--paused", action="store_true",
                    help="startStrategy Paused: QEMU starts, the vCPUs never run (phase Running, condition Paused), "
                         "so the control plane is measured without the guests' TCG load; no memory figures")
+    p.add_argument("--skip-boot", action="store_true",
+                   help="tear down once every VMI is Running: latency, writes and CPU only (no boot or memory)")
     p.add_argument("--running-timeout", type=float, default=600.0)
     p.add_argument("--boot-timeout", type=float, default=900.0, help="how long to wait for every guest's `ready`")
     p.add_argument("--settle", type=float, default=20.0, help="idle seconds after boot before measuring memory")
