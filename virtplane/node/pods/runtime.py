@@ -169,14 +169,19 @@ class PodRuntime:
     """Host-side operations for pods of one node. Blocking work runs in threads."""
 
     def __init__(self, root: Path, *, node_name: str, conflist: JSON, cni_path: Sequence[Path] = cni.DEFAULT_CNI_PATH,
-                 cgroup_prefix: str = "virtplane", cgroup_parent: str = "") -> None:  # fmt: skip
+                 cgroup_prefix: str = "virtplane", cgroup_scope: str = "") -> None:  # fmt: skip
         self.root = root
         self.node_name = node_name
         self.conflist = conflist
         self.cni_path = tuple(cni_path)
         self.cgroup_prefix = cgroup_prefix
-        self.cgroup_parent = cgroup_parent  # e.g. /virtplane/pods-<hash>: weighs the node's cores (setup.build)
+        # Containers' cgroups go under /virtplane/<cgroup_scope>, a parent weighing the host's cores beside the
+        # node's VMs (setup.build); made when the first container starts, so a node without pods leaves none.
+        self.cgroup_scope = cgroup_scope
+        self.cgroup_parent = ""
         self.cpu_control: cgroups.CPUControl | None = None  # that parent, released when the agent stops
+        self._cgroup_checked = False
+        self._cgroup_lock = asyncio.Lock()
         self.runc_root = root / "runc"
         self.sandboxes_dir = root / "sandboxes"
 
@@ -249,6 +254,12 @@ class PodRuntime:
         for sub in ("rootfs", "upper", "work", "state", "logs"):
             (cd / sub).mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_mount_overlay, image.layers, cd)
+        async with self._cgroup_lock:  # detect also prunes empty children: never beside another start
+            if self.cgroup_scope and not self._cgroup_checked:
+                self._cgroup_checked = True
+                self.cpu_control = await asyncio.to_thread(cgroups.CPUControl.detect, self.cgroup_scope)
+                if self.cpu_control is not None:
+                    self.cgroup_parent = f"/{cgroups.TOP}/{self.cpu_control.scope_dir.name}"
         spec = oci_spec(process=process, mounts=[*self._sandbox_mounts(sb), *mounts], netns=str(netns.path(sb.netns)),
                         hostname=sb.name, cgroups_path=f"{self.cgroup_parent}/{self.cgroup_prefix}-{sb.runc_id(name)}",
                         resources=resources)  # fmt: skip

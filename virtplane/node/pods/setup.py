@@ -7,7 +7,6 @@ from pathlib import Path
 
 from virtplane.client import informer, rest
 from virtplane.client.events import EventRecorder
-from virtplane.hypervisor import cgroups
 
 from .. import network
 from .controller import PODS, PodController
@@ -38,11 +37,8 @@ def build(client: rest.Client, *, node_name: str, node_ip: str, data_dir: Path,
     # The node's containers sit under one CPU-weighted parent beside the VMs' (`virtplane/pods-<hash>`, weighing
     # the host's cores, as kubepods does): inside it each weighs its request, so a BestEffort container's 2
     # shares make it yield to other pods, not to every process of the host.
-    control = cgroups.CPUControl.detect(cgroup_scope(data_dir))
-    parent = f"/{cgroups.TOP}/{control.scope_dir.name}" if control is not None else ""
     runtime = PodRuntime(root, node_name=node_name, conflist=conflist, cgroup_prefix=f"vp{digest}",
-                         cgroup_parent=parent)  # fmt: skip
-    runtime.cpu_control = control
+                         cgroup_scope=cgroup_scope(data_dir))  # fmt: skip
     images = ImageStore(root, insecure_registries=insecure_registries)
     pods = informer.Informer(client, PODS, field_selector=f"spec.nodeName={node_name}")
     controller = PodController(client=client, node_name=node_name, node_ip=node_ip, runtime=runtime, images=images,
