@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 
 from virtplane.testing import containers, guest
 from virtplane.testing.cluster import REPO, Cluster
+from virtplane.testing.waiting import wait_for
 from virtplane.web import serve
 
 VM = "web-vm"
@@ -153,3 +156,69 @@ def shot(page: Any, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+@contextlib.contextmanager
+def netns_cluster(tmp_path_factory: pytest.TempPathFactory, nodes: int, vm: Callable[[str], dict[str, Any]], *,
+                  cni: bool = False) -> Iterator[tuple[Cluster, str]]:  # fmt: skip
+    """`virtplane up --nodes N --node-netns [--pod-network cni]` (root), a registry on the cluster bridge's
+    address that every node reaches, holding the tiny containerDisk, and the VM `vm(image)` applied. Yields
+    (cluster, image); the VM is deleted and its VMI waited for before the cluster stops (a CNI pod network
+    leaves dnsmasq and netns behind otherwise)."""
+    from tests.e2e.migration.conftest import requirements
+    from tests.e2e.network.conftest import network_requirements
+    from tests.e2e.network.test_multinode import cleanup_pod_networks
+
+    requirements()
+    if cni:
+        network_requirements()
+    root = tmp_path_factory.mktemp("web-netns")
+    short = Path(tempfile.mkdtemp(prefix="vpw-", dir="/tmp"))  # VM runtime dirs hold unix sockets (107 bytes)
+    cluster = Cluster(short / "c", nodes=nodes, extra_args=("--pod-network", "cni") if cni else ())
+    try:
+        cluster.start()
+        with guest.registry_with_containerdisk(root / "registry", host=cluster.node_network()["gateway"]) as (
+                _reg, image):
+            def ready() -> bool:
+                items = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+                return sum(1 for n in items if any(c["type"] == "Ready" and c["status"] == "True"
+                                                   for c in n["status"].get("conditions") or [])) == nodes
+            wait_for(ready, 120, what=f"{nodes} Ready nodes")
+            manifest = vm(image)
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+            name = manifest["metadata"]["name"]
+            try:
+                yield cluster, image
+            finally:
+                cluster.kubectl("delete", "vm", name, "--wait=false", check=False)
+                cluster.kubectl("wait", "--for=delete", f"vmi/{name}", "--timeout=90s", check=False, timeout=120)
+    finally:
+        cluster.stop()
+        if cni:
+            cleanup_pod_networks(cluster.data_dir)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def logged_in_page(cluster: Cluster) -> Iterator[Any]:
+    """A browser tab logged in to `cluster`'s console, on the VM list."""
+    with launch_browser() as browser:
+        ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1000})
+        try:
+            pg = new_page(ctx)
+            server, token, _ = cluster.config()
+            login(pg, server, token)
+            yield pg
+        finally:
+            ctx.close()
+
+
+def vmi_of(cluster: Cluster, name: str) -> dict[str, Any]:
+    proc = cluster.kubectl("get", "vmi", name, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def running_and_migratable(cluster: Cluster, name: str) -> bool:
+    st = vmi_of(cluster, name).get("status") or {}
+    return st.get("phase") == "Running" and any(c["type"] == "LiveMigratable" and c["status"] == "True"
+                                                for c in st.get("conditions") or [])

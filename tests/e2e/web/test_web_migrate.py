@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.migration.conftest import requirements, vm_manifest
-from tests.e2e.web.conftest import launch_browser, login, new_page, shot
-from virtplane.testing import guest
+from tests.e2e.migration.conftest import vm_manifest
+from tests.e2e.web.conftest import logged_in_page, netns_cluster, running_and_migratable, shot
 from virtplane.testing.cluster import Cluster
 from virtplane.testing.waiting import wait_for
 
@@ -29,43 +25,14 @@ MIGRATE_MS = 300_000  # a TCG guest's memory over a loaded 2-core machine
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
-    """Two node agents in their own network namespaces, and a registry on the cluster bridge's address that
-    both reach, holding the tiny containerDisk."""
-    requirements()
-    root = tmp_path_factory.mktemp("web-migrate")
-    short = Path(tempfile.mkdtemp(prefix="vpw-", dir="/tmp"))  # VM runtime dirs hold unix sockets (107 bytes)
-    cluster = Cluster(short / "c", nodes=NODES)
-    try:
-        cluster.start()
-        gateway = cluster.node_network()["gateway"]
-        with guest.registry_with_containerdisk(root / "registry", host=gateway) as (_reg, image):
-            def ready() -> bool:
-                nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-                return sum(1 for n in nodes if any(c["type"] == "Ready" and c["status"] == "True"
-                                                   for c in n["status"].get("conditions") or [])) == NODES
-            wait_for(ready, 120, what=f"{NODES} Ready nodes")
-            cluster.kubectl("apply", "-f", "-", input=json.dumps(vm_manifest(VM, image, eviction="LiveMigrate")))
-            try:
-                yield cluster, image
-            finally:
-                cluster.kubectl("delete", "vm", VM, "--wait=false", check=False)
-    finally:
-        cluster.stop()
-        shutil.rmtree(short, ignore_errors=True)
+    with netns_cluster(tmp_path_factory, NODES, lambda image: vm_manifest(VM, image, eviction="LiveMigrate")) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def page(two_nodes: tuple[Cluster, str]) -> Iterator[Any]:
-    cluster, _ = two_nodes
-    with launch_browser() as browser:
-        ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1000})
-        try:
-            pg = new_page(ctx)
-            server, token, _ = cluster.config()
-            login(pg, server, token)
-            yield pg
-        finally:
-            ctx.close()
+    with logged_in_page(two_nodes[0]) as pg:
+        yield pg
 
 
 def vmi_node(cluster: Cluster) -> str:
@@ -84,10 +51,7 @@ def wait_on_node(page: Any, node: str) -> None:
 
 
 def migratable(cluster: Cluster) -> bool:
-    vmi = json.loads(cluster.kubectl("get", "vmi", VM, "-o", "json", check=False).stdout or "{}")
-    st = vmi.get("status") or {}
-    return st.get("phase") == "Running" and any(c["type"] == "LiveMigratable" and c["status"] == "True"
-                                                for c in st.get("conditions") or [])
+    return running_and_migratable(cluster, VM)
 
 
 def test_migrate_from_the_list_to_a_chosen_node(page: Any, two_nodes: tuple[Cluster, str]) -> None:
