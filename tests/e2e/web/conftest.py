@@ -120,8 +120,22 @@ def browser(image: str, image_url: str, busybox: str) -> Iterator[Any]:
         yield b
 
 
+def load(page: Any, url: str) -> None:
+    """page.goto, retried when Chromium aborts the load with ERR_NETWORK_CHANGED: other tests on this machine
+    keep creating and deleting bridges, veths and network namespaces, and Chromium drops loads in flight when
+    the host's interfaces change."""
+    for attempt in range(5):
+        try:
+            page.goto(url)
+            return
+        except Exception as exc:  # playwright's Error
+            if "ERR_NETWORK_CHANGED" not in str(exc) or attempt == 4:
+                raise
+            page.wait_for_timeout(500)
+
+
 def login(page: Any, server: str, token: str) -> None:
-    page.goto(f"{server}/console/")
+    load(page, f"{server}/console/")
     page.get_by_label("Bearer token").fill(token)
     page.get_by_role("button", name="Log in").click()
     page.locator("h1", has_text="VirtualMachines").wait_for()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.web.conftest import BULK, CLONE, HOT, LOGS_POD, NAD, NICS, VM, login, new_page, shot
+from tests.e2e.web.conftest import BULK, CLONE, HOT, LOGS_POD, NAD, NICS, VM, load, login, new_page, shot
 from virtplane.testing.cluster import Cluster
 from virtplane.testing.waiting import wait_for
 
@@ -31,7 +31,7 @@ def wait_status(page: Any, name: str, status: str, timeout: float = 120_000) -> 
 
 def test_login(page: Any, cluster: Cluster) -> None:
     server, token, _ = cluster.config()
-    page.goto(f"{server}/console/")
+    load(page, f"{server}/console/")
     page.get_by_label("Bearer token").fill("not-a-token")
     page.get_by_role("button", name="Log in").click()
     page.get_by_text("401 Unauthorized").wait_for()
