@@ -48,8 +48,11 @@ class PodNetworkError(Exception):
     """Setting up (or tearing down) a pod network failed; the message is meant for VMI status."""
 
 
-def netns_name(uid: str) -> str:
-    return f"vp-{uid.replace('-', '')[:8]}"
+def netns_name(uid: str, node: str = "") -> str:
+    """`vp-<uid8>[-<node>]`. Names are host-wide (/run/netns) and node agents may share a host: during a live
+    migration the source and the target node both hold a netns for the same VMI, so each node adds its tag."""
+    base = f"vp-{uid.replace('-', '')[:8]}"
+    return f"{base}-{node}" if node else base
 
 
 def default_conflist(pod_cidr: str, state_dir: Path, bridge: str = "vp0") -> dict[str, Any]:
@@ -123,6 +126,11 @@ class PodNetwork:
         self.cni_path = tuple(cni_path)
         self._ips: dict[str, str] = {}
         self._sec_ips: dict[str, dict[str, str]] = {}
+        # this node's tag in host-wide names: its state dir is its own
+        self.node_tag = hashlib.sha256(str(state_dir).encode()).hexdigest()[:4]
+
+    def netns_for(self, uid: str) -> str:
+        return netns_name(uid, self.node_tag)
 
     def conflist(self) -> dict[str, Any]:
         """The node's chain. A config file is re-read for every pod, as a kubelet re-reads /etc/cni/net.d:
@@ -165,7 +173,7 @@ class PodNetwork:
             conflist = self.conflist()
         except cni.CNIError as err:
             raise PodNetworkError(f"pod network: {err}") from None
-        ns = netns_name(uid)
+        ns = self.netns_for(uid)
         inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)), ifname=POD_IFNAME)
         state: dict[str, Any] = {"uid": uid, "netns": ns, "conflist": conflist}
         # A leftover of an earlier attempt (agent killed mid-setup) is cleaned first: same uid, same names.
@@ -362,7 +370,7 @@ class PodNetwork:
             state = json.loads(self._state_file(uid).read_text())
         except (OSError, ValueError):
             return []
-        ns = state.get("netns") or netns_name(uid)
+        ns = state.get("netns") or self.netns_for(uid)
         keep, errors = [], []
         for sec in state.get("secondaries") or []:
             if sec.get("ifname") != ifname:
@@ -390,7 +398,7 @@ class PodNetwork:
         except (OSError, ValueError):
             return []
         errors: list[str] = []
-        ns = state.get("netns") or netns_name(uid)
+        ns = state.get("netns") or self.netns_for(uid)
         for sec in reversed(state.get("secondaries") or []):  # secondary networks first, last added first
             if sec.get("dnsmasqPid"):
                 await asyncio.to_thread(_stop_pid, int(sec["dnsmasqPid"]))

@@ -45,7 +45,8 @@ async def test_setup_and_teardown(pn: pod.PodNetwork, tmp_path: Path) -> None:
     uid = "11111111-aaaa-bbbb-cccc-000000000001"
     att = await pn.setup(uid, [("TCP", 22)])
     try:
-        ns = pod.netns_name(uid)
+        ns = att.netns
+        assert ns == pn.netns_for(uid) and ns.startswith(pod.netns_name(uid) + "-")
         assert att.pod_ip.startswith("10.244.98.") and pn.pod_ip(uid) == att.pod_ip
         assert f"{att.pod_ip}/24" in sh("ip", "-n", ns, "-4", "addr", "show", "eth0")
         assert "10.0.2.1/24" in sh("ip", "-n", ns, "-4", "addr", "show", pod.BRIDGE)
@@ -59,7 +60,7 @@ async def test_setup_and_teardown(pn: pod.PodNetwork, tmp_path: Path) -> None:
         assert att.tap_fd is not None
         os.close(att.tap_fd)
     assert await pn.teardown(uid) == []
-    assert not netns.exists(pod.netns_name(uid))
+    assert not netns.exists(pn.netns_for(uid))
     assert not (tmp_path / "ipam" / "virtplane-pod" / att.pod_ip).exists()
     assert not is_dnsmasq(state["dnsmasqPid"])
     assert await pn.teardown(uid) == []  # idempotent
@@ -74,7 +75,7 @@ async def test_failed_add_leaves_nothing_and_the_bridge_still_works(pn: pod.PodN
     uid = "11111111-aaaa-bbbb-cccc-000000000002"
     with pytest.raises(pod.PodNetworkError, match="invalid CIDR"):
         await pn.setup(uid)
-    assert not netns.exists(pod.netns_name(uid))
+    assert not netns.exists(pn.netns_for(uid))
     assert not list((tmp_path / "pods").glob(f"{uid}*"))
     # The failed ADD left the bridge without ports (all-zero MAC): the next pod must still come up.
     pn.conf_file.write_text(good)
