@@ -913,7 +913,17 @@ class Machine:
             info = await reap_soon(pid)  # we are its parent (same process, new Machine): collect the status
             machine._finish_dead(info or ExitInfo(None, None, "process gone"))
             return machine
-        if state is None or proc_cmdline(pid) != list(record.argv):
+        cmdline = proc_cmdline(pid) if state is not None else None
+        if state is not None and not cmdline:
+            # Exiting (killed just now): its memory, and with it its cmdline, goes before it turns zombie.
+            # If it is our child, wait for that and collect how it ended rather than call it someone else's.
+            info = await reap_soon(pid, timeout=2.0)
+            if info is not None:
+                machine._finish_dead(info)
+                return machine
+            state = proc_state(pid)
+            cmdline = proc_cmdline(pid) if state is not None else None
+        if state is None or cmdline != list(record.argv):
             machine._finish_dead(ExitInfo(None, None, "process gone" if state is None else
                                           "process gone (pid now belongs to another program)"))  # fmt: skip
             return machine
