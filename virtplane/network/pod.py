@@ -296,7 +296,8 @@ class PodNetwork:
             raise PodNetworkError(f"pod network: dnsmasq exited ({proc.returncode}): {err}")
         return proc.pid
 
-    async def attach_secondary(self, uid: str, ifname: str, conflist: dict[str, Any]) -> tuple[int, str | None]:
+    async def attach_secondary(self, uid: str, ifname: str, conflist: dict[str, Any], *,
+                               guest_mac: str | None = None) -> tuple[int, str | None]:  # fmt: skip
         """A Multus-style secondary network with KubeVirt's bridge binding, in the VMI's netns (set up before):
         the NAD's CNI chain ADDed as `ifname`, then a bridge `k6t-<ifname>` joining that interface and a tap
         for QEMU. The address the NAD's IPAM gave moves from the pod interface to the guest, by DHCP from a
@@ -334,6 +335,9 @@ class PodNetwork:
                 f"--interface={bridge}", "--bind-interfaces", "--except-interface=lo",
                 f"--shared-network={bridge},{iface.ip}",
                 f"--dhcp-range={iface.ip},{iface.ip},{iface.netmask},infinite", "--dhcp-authoritative",
+                # Only this VMI's NIC: the NAD's bridge carries every VMI's DHCP broadcasts, and another VMI's
+                # dnsmasq answering first would hand a guest its neighbour's address.
+                *([f"--dhcp-host={guest_mac},{iface.ip}", "--dhcp-ignore=tag:!known"] if guest_mac else []),
                 f"--dhcp-leasefile={d / f'leases-{ifname}'}", f"--log-facility={d / f'dnsmasq-{ifname}.log'}",
                 "--log-dhcp", f"--pid-file={d / f'dnsmasq-{ifname}.pid'}",
             ])  # fmt: skip

@@ -25,6 +25,7 @@ from virtplane.hypervisor.runtime import NetworkAttachment
 from virtplane.network import cni, netns
 from virtplane.network.pod import PodNetwork, PodNetworkError, interface_ports, is_passt
 from virtplane.network.services import DEFAULT_DOMAIN
+from virtplane.node.status import interface_macs
 
 from .status import MASQUERADE_CIDR, MASQUERADE_GATEWAY, MASQUERADE_GUEST_IP
 
@@ -203,7 +204,8 @@ async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None) -> N
             nad = await get_nad(nad_ns or ns, nad_name)
             try:
                 conflist = cni.parse_config(str((nad.get("spec") or {}).get("config") or ""))
-                fd, _ip = await _pod_network.attach_secondary(uid, f"net{i}", conflist)
+                fd, _ip = await _pod_network.attach_secondary(uid, f"net{i}", conflist,
+                                                              guest_mac=interface_macs(vmi).get(name))
             except (cni.CNIError, PodNetworkError, netns.NetnsError, OSError, ValueError) as err:
                 raise NetworkSetupError(f"network {name!r} (NetworkAttachmentDefinition {nad_ns or ns}/"
                                         f"{nad_name}): {err}") from None  # fmt: skip
@@ -256,7 +258,8 @@ async def reconcile_nics(vmi: Mapping[str, Any], plugged: dict[str, str], machin
         try:
             nad = await get_nad(nad_ns or ns, nad_name)
             conflist = cni.parse_config(str((nad.get("spec") or {}).get("config") or ""))
-            fd, _ip = await _pod_network.attach_secondary(uid, ifname, conflist)
+            fd, _ip = await _pod_network.attach_secondary(uid, ifname, conflist,
+                                                          guest_mac=interface_macs(vmi).get(name))
         except (NetworkSetupError, cni.CNIError, PodNetworkError, netns.NetnsError, OSError, ValueError) as err:
             await _pod_network.detach_secondary(uid, ifname)
             errors.append(f"interface {name!r}: {err}")
