@@ -350,8 +350,10 @@ def test_a_vmi_deleted_before_it_was_scheduled_goes_at_once(cluster: Cluster) ->
     vmi = wait_for(lambda: (v := get(c, "vmi", "vm-pending")) and condition(v, "PodScheduled") and v,
                    "unschedulable", cluster=c)
     assert len(launcher_pods(c, vmi["metadata"]["uid"])) == 1
-    c.kubectl("delete", "vmi", "vm-pending", "--timeout=20s")  # a user deletes it; the VM makes a new one
-    # (after KubeVirt's start backoff: a VMI that ended without running counts as a failed start)
+    # A user deletes it; the VM makes a new one of the same name (after KubeVirt's start backoff: a VMI that
+    # ended without running counts as a failed start). Not `kubectl delete`'s own wait: with a fast control
+    # plane the replacement can exist before kubectl starts waiting, which that wait does not always see through.
+    c.kubectl("delete", "vmi", "vm-pending", "--wait=false")
     wait_for(lambda: (v := get(c, "vmi", "vm-pending")) and v["metadata"]["uid"] != vmi["metadata"]["uid"],
              "the replacement VMI", timeout=30, cluster=c)
     assert launcher_pods(c, vmi["metadata"]["uid"]) == []
