@@ -1244,6 +1244,18 @@ def _validate_secret(req: Request) -> list[Cause]:
             except (binascii.Error, ValueError) as e:
                 causes.append(validation.invalid(f"data[{key}]", "<secret contents redacted>",
                                                  f"illegal base64 data: {e}"))
+    # The registry strategy's checks of docker-registry Secrets: the config key is there and is a JSON object.
+    key = {"kubernetes.io/dockerconfigjson": ".dockerconfigjson", "kubernetes.io/dockercfg": ".dockercfg"}.get(
+        str(req.obj.get("type")))
+    data = _dict(req.obj.get("data"))
+    if key is not None and not data.get(key):
+        causes.append(validation.required(f"data[{key}]"))
+    elif key is not None:
+        try:
+            if not isinstance(json.loads(base64.b64decode(data[key])), dict):
+                raise ValueError("the docker config is not a JSON object")
+        except (binascii.Error, ValueError) as e:
+            causes.append(validation.invalid(f"data[{key}]", "<secret contents redacted>", str(e)))
     if req.update:
         old_type = _dict(req.old).get("type")
         if old_type and req.obj.get("type") != old_type:

@@ -39,7 +39,7 @@ from virtplane.hypervisor.cloudinit import build_for_volume, make_iso
 from virtplane.hypervisor.errors import HypervisorError
 from virtplane.hypervisor.quantity import QuantityError, parse_bytes
 from virtplane.hypervisor.runtime import KernelBootFiles, ResolvedVolume
-from virtplane.storage import oci, provisioner
+from virtplane.storage import dockerconfig, oci, provisioner
 from virtplane.storage import volumes as images
 
 from .status import REASON_PVC_NOT_FOUND
@@ -184,8 +184,9 @@ class VolumeResolver:
         overlay = disk_dir / f"{name}.qcow2"
         if "containerDisk" in vol:
             image = str((vol["containerDisk"] or {}).get("image") or "")
+            credentials = await self._pull_credentials(ns, vol["containerDisk"] or {}, image, field)
             try:
-                pulled = await self.images.pull(image)
+                pulled = await self.images.pull(image, credentials)
             except oci.OCIError as err:
                 raise VolumeNotReady(REASON_IMAGE_PULL, f"failed to pull image {image!r}: {err}") from err
             await images.create_overlay(pulled.path, overlay, pulled.format)  # type: ignore[arg-type]
@@ -235,6 +236,21 @@ class VolumeResolver:
             return await self.client.get(gvr, name, ns)
         except rest.NotFound:
             return None
+
+    async def _pull_credentials(self, ns: str, src: Mapping[str, Any], image: str, field: str) -> list[oci.Credentials]:
+        """A containerDisk's `imagePullSecret` (a docker-registry Secret of the VMI's namespace): its entries
+        for the image's registry, as KubeVirt hands the Secret to the launcher pod's imagePullSecrets."""
+        name = str(src.get("imagePullSecret") or "")
+        if not name:
+            return []
+        secret = await self._get(SECRETS, name, ns)
+        if secret is None:
+            raise VolumeNotReady("SecretNotFound",
+                                 f"{field}.containerDisk.imagePullSecret: secret {ns}/{name} not found")
+        try:
+            return dockerconfig.credentials_for(image, [secret])
+        except (dockerconfig.DockerConfigError, oci.OCIError) as err:
+            raise VolumeError(f"{field}.containerDisk.imagePullSecret: {err}") from err
 
     async def _secret_key(self, ns: str, name: str, keys: tuple[str, ...], field: str) -> bytes | None:
         secret = await self._get(SECRETS, name, ns)

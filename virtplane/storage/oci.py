@@ -33,9 +33,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -43,6 +43,7 @@ from yarl import URL
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+T = TypeVar("T")
 
 # Media types (docker schema 2 and OCI).
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -463,7 +464,9 @@ class RegistryClient:
             raise AuthError(f"{ref.registry}: token response has no token")
         return f"Bearer {token}"
 
-    async def _authorize(self, ref: Reference, header: str | None) -> str:
+    async def _authorize(self, ref: Reference, header: str | None, refusal: str = "") -> str:
+        """The Authorization header answering a 401's challenge; `refusal` (what the registry said) goes into
+        the error when we have nothing to answer with."""
         challenges = parse_www_authenticate(header or "")
         for ch in challenges:
             if ch.scheme == "bearer":
@@ -472,7 +475,8 @@ class RegistryClient:
             if ch.scheme == "basic":
                 creds = self._credentials.get(ref.registry)
                 if creds is None:
-                    raise AuthError(f"{ref.registry} wants Basic credentials and none are configured")
+                    raise AuthError(f"{refusal or ref.registry + ': HTTP 401'} (Basic credentials required, "
+                                    "none configured for this registry)")
                 return creds.basic()
         raise AuthError(f"{ref.registry}: unauthorized, and no usable challenge in {header!r}")
 
@@ -494,8 +498,10 @@ class RegistryClient:
                 raise OCIError(f"GET {url}: {err}") from err
             if resp.status == 401 and attempt == 0:
                 challenge = resp.headers.get("WWW-Authenticate")
+                body = await resp.read()
                 resp.release()
-                self._auth[key] = await self._authorize(ref, challenge)
+                refusal = f"GET {url}: HTTP 401 {resp.reason or ''} {body[:200].decode(errors='replace')}".strip()
+                self._auth[key] = await self._authorize(ref, challenge, refusal)
                 continue
             hops = 0
             while resp.status in (301, 302, 303, 307, 308) and hops < 5:
@@ -514,7 +520,8 @@ class RegistryClient:
             if resp.status in (401, 403):
                 body = await resp.read()
                 resp.release()
-                raise AuthError(f"GET {url}: HTTP {resp.status} {body[:200].decode(errors='replace')}")
+                raise AuthError(f"GET {url}: HTTP {resp.status} {resp.reason or ''} "
+                                f"{body[:200].decode(errors='replace')}".replace("  ", " ").strip())
             if resp.status == 404:
                 resp.release()
                 raise NotFoundError(f"GET {url}: not found")
@@ -577,6 +584,29 @@ class RegistryClient:
         os.replace(tmp, dest)
 
 
+async def with_each_credential(
+    candidates: Sequence[Credentials], registry: str, default: Mapping[str, Credentials],
+    attempt: Callable[[Mapping[str, Credentials]], Awaitable[T]],
+) -> T:
+    """`attempt` with each candidate credential for `registry` in turn until one is not refused (the kubelet's
+    loop over a pull Secret keyring's matches); with no candidates, once with `default`. The last refusal is
+    raised when all are refused."""
+    if not candidates:
+        return await attempt(default)
+    refused: AuthError | None = None
+    for creds in candidates:
+        try:
+            return await attempt({**default, registry: creds})
+        except AuthError as err:
+            refused = err
+        except OCIError as err:
+            if not isinstance(err.__cause__, AuthError):
+                raise
+            refused = AuthError(str(err))
+    assert refused is not None
+    raise refused
+
+
 class ImageCache:
     """containerDisks extracted under `root/sha256/<manifest digest>/`; one download per image at a time."""
 
@@ -610,15 +640,22 @@ class ImageCache:
         return PulledDisk(reference=meta["reference"], manifest_digest=digest, path=path, format=meta["format"],
                           file_name=meta["file_name"])  # fmt: skip
 
-    async def pull(self, image: str) -> PulledDisk:
-        """Resolve `image` and return the cached disk, downloading and extracting it when missing."""
+    async def pull(self, image: str, credentials: Sequence[Credentials] = ()) -> PulledDisk:
+        """Resolve `image` and return the cached disk, downloading and extracting it when missing.
+
+        `credentials` (a pull Secret's entries for this registry) are tried in turn, as the kubelet does;
+        without them the cache's own credentials (or none) are used."""
         ref = Reference.parse(image)
         if ref.digest and (hit := self.cached(ref.digest)) is not None:
             return hit  # pinned by digest: the cache is authoritative, no registry round trip needed
+        return await with_each_credential(credentials, ref.registry, self.credentials,
+                                          lambda creds: self._pull(image, ref, creds))
+
+    async def _pull(self, image: str, ref: Reference, credentials: Mapping[str, Credentials]) -> PulledDisk:
         timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             client = RegistryClient(session, insecure_registries=self.insecure_registries,
-                                    credentials=self.credentials)  # fmt: skip
+                                    credentials=credentials)  # fmt: skip
             try:
                 manifest = await client.resolve(ref)
             except OCIError as err:

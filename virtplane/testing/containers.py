@@ -80,6 +80,27 @@ def push_busybox_image(registry: str, workdir: Path, repository: str = "virtplan
     return f"{registry}/{repository}:{tag}"
 
 
+def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
+    """An htpasswd file for docker-registry's `auth: htpasswd` (it accepts bcrypt entries only). The hashes
+    come from the system's libcrypt (libxcrypt, part of every Debian), so no bcrypt package is needed."""
+    import ctypes
+
+    lib = ctypes.CDLL("libcrypt.so.1")
+    lib.crypt_gensalt.restype = ctypes.c_char_p
+    lib.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
+    lib.crypt.restype = ctypes.c_char_p
+    lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lines = []
+    for user, password in users.items():
+        salt = lib.crypt_gensalt(b"$2y$", 5, None, 0)  # cost 5: the test registry checks every request
+        hashed = lib.crypt(password.encode(), salt) if salt else None
+        if not hashed or not hashed.startswith(b"$2y$"):
+            raise RuntimeError("libcrypt cannot make bcrypt hashes")
+        lines.append(f"{user}:{hashed.decode()}\n")
+    path.write_text("".join(lines))
+    return path
+
+
 def cleanup_node_pods(cluster_dir: Path) -> list[str]:
     """Remove what pods of a test cluster left on the host (containers outlive their agents by design):
     runc containers (and their cgroups), overlay mounts, pod network namespaces. Only things named in the

@@ -576,19 +576,22 @@ class Registry:
         self.stop()
 
 
-def start_registry(workdir: Path, timeout: float = 30.0, host: str = "127.0.0.1") -> Registry:
-    """Runs ``docker-registry serve`` with filesystem storage in workdir on a free
-    port of `host` (default 127.0.0.1) and waits until /v2/ answers."""
+def start_registry(workdir: Path, timeout: float = 30.0, host: str = "127.0.0.1", *,
+                   storage: Path | None = None, htpasswd: Path | None = None) -> Registry:  # fmt: skip
+    """Runs ``docker-registry serve`` with filesystem storage in workdir (or `storage`, e.g. another
+    registry's) on a free port of `host` (default 127.0.0.1) and waits until /v2/ answers. With `htpasswd`
+    (bcrypt entries) every request needs those Basic credentials."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    storage = workdir / "storage"
+    storage = storage or workdir / "storage"
     storage.mkdir(exist_ok=True)
     config = workdir / "config.yml"
+    auth = f"auth:\n  htpasswd:\n    realm: virtplane\n    path: {htpasswd}\n" if htpasswd else ""
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: {host}:{port}\n"
+        f"http:\n  addr: {host}:{port}\n" + auth
     )
     log = (workdir / "registry.log").open("wb")
     proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(config)], stdout=log,
@@ -604,6 +607,9 @@ def start_registry(workdir: Path, timeout: float = 30.0, host: str = "127.0.0.1"
             with urllib.request.urlopen(f"{reg.url}/v2/", timeout=2) as r:
                 if r.status == 200:
                     return reg
+        except urllib.error.HTTPError as err:
+            if err.code == 401 and htpasswd:
+                return reg  # up, and asking for credentials
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() > deadline:

@@ -39,7 +39,7 @@ class FakeImages:
         self.disk = disk
         self.pulled: list[str] = []
 
-    async def pull(self, image: str) -> oci.PulledDisk:
+    async def pull(self, image: str, credentials: Any = ()) -> oci.PulledDisk:
         if "missing" in image:
             raise oci.NotFoundError(f"GET {image}: not found")
         self.pulled.append(image)

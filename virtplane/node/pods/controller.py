@@ -29,6 +29,7 @@ from typing import Any
 
 from virtplane.client import informer, rest
 from virtplane.client.events import EventRecorder
+from virtplane.storage import dockerconfig, oci
 
 from . import probes
 from . import spec as podspec
@@ -42,6 +43,7 @@ Key = tuple[str, str]
 PODS = rest.GVR("", "v1", "pods")
 CONFIGMAPS = rest.GVR("", "v1", "configmaps")
 SECRETS = rest.GVR("", "v1", "secrets")
+SERVICEACCOUNTS = rest.GVR("", "v1", "serviceaccounts")
 PVCS = rest.GVR("", "v1", "persistentvolumeclaims")
 PVS = rest.GVR("", "v1", "persistentvolumes", namespaced=False)
 POLL_SECONDS = 1.0
@@ -374,10 +376,12 @@ class PodController:
         image_ref = c.get("image") or ""
         policy = c.get("imagePullPolicy") or default_pull_policy(image_ref)
         try:
+            credentials: list[oci.Credentials] = []
             if (policy != "Never" and self.images.present(image_ref) is None) or policy == "Always":
+                credentials = await self._pull_credentials(pod, image_ref)
                 await self.recorder.event(obj, "Normal", "Pulling", f'Pulling image "{image_ref}"')
             t0 = time.monotonic()
-            image, pulled = await self.images.ensure(image_ref, policy)
+            image, pulled = await self.images.ensure(image_ref, policy, credentials)
         except ImageNotPresent as err:
             rec["waiting"] = {"reason": "ErrImageNeverPull", "message": str(err)}
             await self.recorder.event(obj, "Warning", "ErrImageNeverPull", str(err))
@@ -430,6 +434,34 @@ class PodController:
         sb.save()
         await self.recorder.event(obj, "Normal", "Created", f"Created container {name}")
         await self.recorder.event(obj, "Normal", "Started", f"Started container {name}")
+
+    async def _pull_credentials(self, pod: JSON, image: str) -> list[oci.Credentials]:
+        """Credentials for `image` from the pod's imagePullSecrets, read through the API. A pod listing none
+        gets its ServiceAccount's (what Kubernetes' ServiceAccount admission copies into the pod). A missing
+        Secret is reported and skipped, as the kubelet does; an unreadable docker config fails the pull."""
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        ns = meta.get("namespace") or "default"
+        names = [r.get("name") for r in spec.get("imagePullSecrets") or [] if isinstance(r, dict) and r.get("name")]
+        if not names:
+            sa_name = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+            with contextlib.suppress(rest.NotFound):
+                sa = await self.client.get(SERVICEACCOUNTS, sa_name, ns)
+                names = [r.get("name") for r in sa.get("imagePullSecrets") or []
+                         if isinstance(r, dict) and r.get("name")]  # fmt: skip
+        secrets, missing = [], []
+        for name in names:
+            try:
+                secrets.append(await self.client.get(SECRETS, name, ns))
+            except rest.NotFound:
+                missing.append(name)
+        if missing:
+            await self.recorder.event(self._obj(pod), "Warning", "FailedToRetrieveImagePullSecret",
+                                      f"Unable to retrieve some image pull secrets ({', '.join(missing)}); "
+                                      "attempting to pull the image may not succeed.")  # fmt: skip
+        try:
+            return dockerconfig.credentials_for(image, secrets)
+        except (dockerconfig.DockerConfigError, oci.OCIError) as err:
+            raise ImagePullError(str(err)) from None
 
     # -- termination --------------------------------------------------------------------------------------
     async def _terminate(self, key: Key, sb: Sandbox, pod: JSON | None) -> float | None:

@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,10 @@ class ImageStore:
         return Image(reference=image, digest=meta["digest"], config=meta.get("config") or {},
                      layers=tuple(p / "fs" for p in layers))  # fmt: skip
 
-    async def ensure(self, image: str, policy: str) -> tuple[Image, bool]:
-        """The image per the pull policy; returns (image, pulled now)."""
+    async def ensure(self, image: str, policy: str,
+                     credentials: Sequence[oci.Credentials] = ()) -> tuple[Image, bool]:  # fmt: skip
+        """The image per the pull policy; returns (image, pulled now). `credentials`: the pod's pull Secrets'
+        entries for the image's registry, tried in turn (none: anonymous)."""
         have = self.present(image)
         if policy == "Never":
             if have is None:
@@ -96,31 +98,33 @@ class ImageStore:
         if policy == "IfNotPresent" and have is not None:
             return have, False
         lock = self._locks.setdefault(image, asyncio.Lock())
-        async with lock:
-            return await self._pull(image), True
-
-    async def _pull(self, image: str) -> Image:
         try:
             ref = oci.Reference.parse(image)
         except (oci.OCIError, ValueError) as err:
             raise ImagePullError(f"invalid image reference {image!r}: {err}") from None
+        async with lock:
+            try:
+                return await oci.with_each_credential(credentials, ref.registry, {},
+                                                      lambda creds: self._pull(image, ref, creds)), True
+            except (oci.OCIError, aiohttp.ClientError, OSError, ValueError) as err:
+                raise ImagePullError(f"failed to pull and unpack image \"{image}\": {err}") from None
+
+    async def _pull(self, image: str, ref: oci.Reference, credentials: Mapping[str, oci.Credentials]) -> Image:
         timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=30)
-        try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                client = oci.RegistryClient(session, insecure_registries=self.insecure_registries)
-                manifest = await client.resolve(ref)
-                config: JSON = {}
-                if manifest.config is not None:
-                    work = Path(tempfile.mkdtemp(prefix=".cfg-", dir=self._mkroot()))
-                    try:
-                        await client.download_blob(ref, manifest.config, work / "config")
-                        config = json.loads((work / "config").read_bytes()).get("config") or {}
-                    finally:
-                        shutil.rmtree(work, ignore_errors=True)
-                for desc in manifest.layers:
-                    await self._ensure_layer(client, ref, desc)
-        except (oci.OCIError, aiohttp.ClientError, OSError, ValueError) as err:
-            raise ImagePullError(f"failed to pull and unpack image \"{image}\": {err}") from None
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            client = oci.RegistryClient(session, insecure_registries=self.insecure_registries,
+                                        credentials=credentials)  # fmt: skip
+            manifest = await client.resolve(ref)
+            config: JSON = {}
+            if manifest.config is not None:
+                work = Path(tempfile.mkdtemp(prefix=".cfg-", dir=self._mkroot()))
+                try:
+                    await client.download_blob(ref, manifest.config, work / "config")
+                    config = json.loads((work / "config").read_bytes()).get("config") or {}
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+            for desc in manifest.layers:
+                await self._ensure_layer(client, ref, desc)
         f = self._index_file(image)
         f.parent.mkdir(parents=True, exist_ok=True)
         meta = {"reference": image, "digest": manifest.digest, "config": config,
