@@ -293,20 +293,26 @@ class PodController:
         return POLL_SECONDS
 
     async def _probe(self, pod: JSON, sb: Sandbox, conts: list[JSON]) -> None:
-        """Liveness and readiness probes of running containers, each on its own period."""
+        """Startup, liveness and readiness probes of running containers, each on its own period. While a
+        container has a startup probe that has not succeeded, its liveness and readiness probes wait (the
+        kubelet's rule); its failureThreshold-th failure kills the container, which restarts per policy."""
         for c in conts:
             st = read_state(sb, c["name"])
             if st.state != "running":
                 continue
             started = _epoch(st.started_at)
-            for kind in ("liveness", "readiness"):
+            for kind in ("startup", "liveness", "readiness"):
                 probe = c.get(f"{kind}Probe")
                 if not probe:
                     continue
+                if kind != "startup" and not self._started(sb, c, st):
+                    break
                 key = (sb.uid, c["name"], kind)
                 ps = self.probe_states.get(key)
                 if ps is None or ps.run != st.started_at:
                     ps = self.probe_states[key] = probes.ProbeState(run=st.started_at, ok=kind == "liveness")
+                if kind == "startup" and ps.ok:
+                    continue  # succeeded once: not run again in this container run
                 if not probes.due(probe, ps, started, time.time()):
                     continue
                 ok, message = await probes.run_probe(probe, c, sb.pod_ip, self._exec_fn(sb, c["name"]))
@@ -315,11 +321,21 @@ class PodController:
                 if not ok:
                     await self.recorder.event(obj, "Warning", "Unhealthy",
                                               f"{kind.capitalize()} probe failed: {message}")
-                if kind == "liveness" and ps.failures >= int(probe.get("failureThreshold") or 3):
+                if kind in ("startup", "liveness") and ps.failures >= int(probe.get("failureThreshold") or 3):
                     await self.recorder.event(obj, "Normal", "Killing",
-                                              f"Container {c['name']} failed liveness probe, will be restarted")
+                                              f"Container {c['name']} failed {kind} probe, will be restarted")
                     await self.runtime.signal(sb, c["name"], signal.SIGKILL)
                     ps.failures = 0
+                    break
+
+    def _started(self, sb: Sandbox, c: JSON, st: ContainerState) -> bool:
+        """containerStatuses[].started: running, and its startup probe (if any) succeeded in this run."""
+        if st.state != "running":
+            return False
+        if not c.get("startupProbe"):
+            return True
+        ps = self.probe_states.get((sb.uid, c["name"], "startup"))
+        return ps is not None and ps.run == st.started_at and ps.ok
 
     def _exec_fn(self, sb: Sandbox, name: str) -> probes.ExecFn:
         async def run(command: list[str], seconds: float) -> tuple[int, bytes]:
@@ -537,8 +553,8 @@ class PodController:
             out["state"] = {"running": {"startedAt": rfc3339(st.started_at)}}
             ps = self.probe_states.get((sb.uid, name, "readiness"))
             gated = bool(c.get("readinessProbe")) and not (ps is not None and ps.run == st.started_at and ps.ok)
-            out["ready"] = not init and not gated
-            out["started"] = True
+            out["started"] = self._started(sb, c, st)
+            out["ready"] = not init and not gated and out["started"]
             if rec.get("restartCount", 0) > 0 and rec.get("lastTerminated"):
                 out["lastState"] = {"terminated": rec["lastTerminated"]}
         elif st.state == "exited":

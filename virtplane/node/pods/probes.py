@@ -1,4 +1,4 @@
-"""Container probes (liveness, readiness) as the kubelet runs them: exec (in the container, through runc),
+"""Container probes (startup, liveness, readiness) as the kubelet runs them: exec (in the container, through runc),
 httpGet (2xx/3xx is success) and tcpSocket (a connection is success) against the pod IP, with
 initialDelaySeconds / periodSeconds / timeoutSeconds / successThreshold / failureThreshold.
 
@@ -83,7 +83,7 @@ def due(probe: JSON, state: ProbeState, started: float, now: float) -> bool:
 
 
 def record(probe: JSON, state: ProbeState, ok: bool, message: str) -> None:
-    state.last = time.monotonic()
+    state.last = time.time()  # wall clock, as `due` compares it with the container's start time
     state.message = message
     if ok:
         state.successes += 1
