@@ -287,6 +287,48 @@ _L1_MASK = 0x00FFFFFFFFFFFE00
 _L2_COMPRESSED = 1 << 62
 
 
+def l2_tables(h: Qcow2Header, l1: bytes | bytearray) -> list[tuple[int, int]]:
+    """(L1 index, host offset) of the L2 tables an L1 table points to."""
+    out = []
+    for idx, (entry,) in enumerate(struct.iter_unpack(">Q", l1)):
+        off = entry & _L1_MASK
+        if not off:
+            continue
+        if off % h.cluster_size:
+            raise TransferError(INVALID_IMAGE, f"qcow2 L2 table offset {off:#x} is not cluster aligned")
+        out.append((idx, off))
+    return out
+
+
+def l2_clusters(h: Qcow2Header, table: bytes, l1_index: int) -> Iterable[tuple[int, int, int]]:
+    """(guest offset, host offset, compressed length or 0) of an L2 table's clusters that hold data;
+    unallocated and zero clusters are left out (the target is sparse)."""
+    cs = h.cluster_size
+    base = l1_index * (cs // 8) * cs
+    csize_shift = 62 - (h.cluster_bits - 8)
+    csize_mask = (1 << (h.cluster_bits - 8)) - 1
+    coffset_mask = (1 << csize_shift) - 1
+    for j, (entry,) in enumerate(struct.iter_unpack(">Q", table)):
+        if not entry:
+            continue
+        guest = base + j * cs
+        if guest >= h.size:
+            break
+        if entry & _L2_COMPRESSED:
+            coff = entry & coffset_mask
+            nsect = ((entry >> csize_shift) & csize_mask) + 1
+            yield guest, coff, nsect * 512 - (coff & 511)
+            continue
+        if h.version == 3 and entry & 1:
+            continue  # reads as zeros
+        host = entry & _L1_MASK
+        if not host:
+            continue
+        if host % cs:
+            raise TransferError(INVALID_IMAGE, f"qcow2 data cluster offset {host:#x} is not cluster aligned")
+        yield guest, host, 0
+
+
 class Qcow2StreamSink:
     """Converts a qcow2 stream to raw on the fly (see the module docstring)."""
 
@@ -361,42 +403,17 @@ class Qcow2StreamSink:
 
     def _parse_l1(self) -> None:
         self.l1_done = True
-        for idx, (entry,) in enumerate(struct.iter_unpack(">Q", self.l1)):
-            off = entry & _L1_MASK
-            if not off:
-                continue
-            if off % self.cs:
-                raise TransferError(INVALID_IMAGE, f"qcow2 L2 table offset {off:#x} is not cluster aligned")
+        for idx, off in l2_tables(self.h, self.l1):
             if off < self.pos:
                 self._parse_l2(self._read_spill(off, self.cs), idx)
             else:
                 self.l2_pending[off] = idx
 
     def _parse_l2(self, table: bytes, l1_index: int) -> None:
-        entries_per_table = self.cs // 8
-        base = l1_index * entries_per_table * self.cs
-        csize_shift = 62 - (self.h.cluster_bits - 8)
-        csize_mask = (1 << (self.h.cluster_bits - 8)) - 1
-        coffset_mask = (1 << csize_shift) - 1
-        for j, (entry,) in enumerate(struct.iter_unpack(">Q", table)):
-            if not entry:
-                continue
-            guest = base + j * self.cs
-            if guest >= self.virtual_size:
-                break
-            if entry & _L2_COMPRESSED:
-                coff = entry & coffset_mask
-                nsect = ((entry >> csize_shift) & csize_mask) + 1
-                self.compressed.append((coff, nsect * 512 - (coff & 511), guest))
-                continue
-            if self.h.version == 3 and entry & 1:
-                continue  # reads as zeros: the target is sparse already
-            host = entry & _L1_MASK
-            if not host:
-                continue
-            if host % self.cs:
-                raise TransferError(INVALID_IMAGE, f"qcow2 data cluster offset {host:#x} is not cluster aligned")
-            if host < self.pos:
+        for guest, host, compressed in l2_clusters(self.h, table, l1_index):
+            if compressed:
+                self.compressed.append((host, compressed, guest))
+            elif host < self.pos:
                 _write_sparse(self.fd, memoryview(self._read_spill(host, self.cs)), guest)
             else:
                 self.data.setdefault(host, []).append(guest)
@@ -455,6 +472,20 @@ class Qcow2StreamSink:
 _GZIP = b"\x1f\x8b"
 _XZ = b"\xfd7zXZ\x00"
 _OTHER_MAGIC = (b"KDMV", b"# Disk DescriptorFile", b"vhdxfile", b"conectix", b"COWD")
+
+
+def image_kind(head: bytes) -> tuple[str, Qcow2Header | None]:
+    """From an image's first (decompressed) bytes: ("qcow2", header) for what the qcow2 parser takes, ("raw",
+    None), or ("scratch", None) for what qemu-img converts (other formats, qcow2 features we do not parse)."""
+    if head.startswith(b"QFI\xfb"):
+        header, why = parse_qcow2_header(head)
+        if header is not None:
+            return "qcow2", header
+        log.info("qcow2 image needs qemu-img (%s)", why)
+        return "scratch", None
+    if head.startswith(_OTHER_MAGIC) or head[64:68] == b"\x7f\x10\xda\xbe":  # VDI signature
+        return "scratch", None
+    return "raw", None
 
 
 @dataclasses.dataclass(slots=True)
@@ -533,14 +564,12 @@ class Pipeline:
             self._fd = _create(self.target)
         except OSError as err:
             raise _os_error(err, f"creating {self.target}") from err
-        if head.startswith(b"QFI\xfb"):
-            header, why = parse_qcow2_header(head)
-            if header is not None:
-                self._kind = "qcow2"
-                self._sink = Qcow2StreamSink(header, self._fd, self.work_dir / ".qcow2-spill", self.limit)
-                return
-            log.info("qcow2 stream needs qemu-img (%s)", why)
-        elif not head.startswith(_OTHER_MAGIC) and head[64:68] != b"\x7f\x10\xda\xbe":  # VDI signature
+        kind, header = image_kind(head)
+        if header is not None:
+            self._kind = "qcow2"
+            self._sink = Qcow2StreamSink(header, self._fd, self.work_dir / ".qcow2-spill", self.limit)
+            return
+        if kind == "raw":
             self._kind = "raw"
             self._sink = RawSink(self._fd, self.limit)
             return
@@ -649,18 +678,31 @@ def _ssl_context(opts: HTTPOptions) -> ssl.SSLContext:
 class HTTPStream:
     """A GET whose body is read in a thread with `readinto` (blocking sockets: the fastest path Python has)."""
 
-    def __init__(self, opts: HTTPOptions) -> None:
+    def __init__(self, opts: HTTPOptions, headers: Mapping[str, str] | None = None) -> None:
         self.opts = opts
         self.conn: http.client.HTTPConnection | None = None
         self.resp: http.client.HTTPResponse | None = None
         self.length: int | None = None
+        self.url = opts.url  # after redirects
+        self.headers: dict[str, str] = dict(headers) if headers is not None else {}  # as sent to `url`
+        self.total: int | None = None  # a ranged answer's full size (Content-Range)
+        self.validator: str | None = None  # ETag (or Last-Modified) for If-Range
 
-    def open(self) -> None:
-        url = self.opts.url
-        headers = {"User-Agent": "virtplane-importer", "Accept-Encoding": "identity", **self.opts.headers}
-        if self.opts.username is not None:
-            token = base64.b64encode(f"{self.opts.username}:{self.opts.password or ''}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+    def open(self, byte_range: tuple[int, int] | None = None, if_range: str | None = None) -> None:
+        """GET the URL, following redirects; with `byte_range` (first, last) a Range request, answered 206
+        (`total` set) by servers that support ranges, 200 with the whole body by the others."""
+        url = self.url
+        headers = self.headers
+        if not headers:
+            headers = {"User-Agent": "virtplane-importer", "Accept-Encoding": "identity", **self.opts.headers}
+            if self.opts.username is not None:
+                token = base64.b64encode(f"{self.opts.username}:{self.opts.password or ''}".encode()).decode()
+                headers["Authorization"] = f"Basic {token}"
+        extra = {}
+        if byte_range is not None:
+            extra["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
+            if if_range:
+                extra["If-Range"] = if_range
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -672,7 +714,7 @@ class HTTPStream:
                         parts.hostname, parts.port, timeout=self.opts.timeout, context=_ssl_context(self.opts))
                 else:
                     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.opts.timeout)
-                conn.request("GET", path, headers=headers)
+                conn.request("GET", path, headers={**headers, **extra})
                 resp = conn.getresponse()
             except ssl.SSLCertVerificationError as err:
                 raise TransferError(TLS_ERROR, f"TLS verification of {parts.hostname} failed: "
@@ -690,7 +732,11 @@ class HTTPStream:
                     headers.pop("Authorization", None)  # never leak credentials to another host
                 url = new
                 continue
-            if resp.status != 200:
+            if resp.status == 416 and byte_range is not None:  # e.g. an empty file: ask again without a range
+                conn.close()
+                byte_range, extra = None, {}
+                continue
+            if resp.status != 200 and not (resp.status == 206 and byte_range is not None):
                 body = resp.read(300).decode(errors="replace").strip()
                 conn.close()
                 msg = f"GET {self.opts.url}: HTTP {resp.status} {resp.reason}" + (f": {body}" if body else "")
@@ -700,8 +746,20 @@ class HTTPStream:
                     raise TransferError(UNAUTHORIZED, msg + " (check secretRef)")
                 raise TransferError(HTTP_ERROR, msg, transient=resp.status >= 500 or resp.status == 429)
             self.conn, self.resp = conn, resp
+            self.url, self.headers = url, headers
             length = resp.getheader("Content-Length")
             self.length = int(length) if length and length.isdigit() else None
+            self.validator = resp.getheader("ETag") or resp.getheader("Last-Modified")
+            if resp.status == 206:
+                m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", (resp.getheader("Content-Range") or "").strip())
+                assert byte_range is not None
+                if (m is None or resp.chunked or int(m[1]) != byte_range[0]
+                        or self.length != int(m[2]) - int(m[1]) + 1):
+                    conn.close()
+                    raise TransferError(HTTP_ERROR, f"GET {self.opts.url}: the server answered the range request "
+                                        f"{extra['Range']} with Content-Range {resp.getheader('Content-Range')!r}",
+                                        transient=True)
+                self.total = int(m[3])
             return
         raise TransferError(HTTP_ERROR, f"GET {self.opts.url}: too many redirects")
 
@@ -709,7 +767,7 @@ class HTTPStream:
         if self.conn is not None:
             self.conn.close()
 
-    def _filler(self) -> Callable[[memoryview], int]:
+    def filler(self) -> Callable[[memoryview], int]:
         """A function filling a buffer from the body, returning the byte count (short only at the end).
 
         A plain-HTTP body of known length is read from the socket itself with MSG_WAITALL: one recv per
@@ -766,7 +824,7 @@ class HTTPStream:
         for _ in range(3):
             free.put(bytearray(CHUNK))
 
-        fill = self._filler()
+        fill = self.filler()
 
         def reader() -> None:
             total = 0
@@ -810,6 +868,231 @@ class HTTPStream:
             cancel.set()
             free.put(bytearray(0))  # unblock a reader waiting for a buffer
             t.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# parallel ranged download (servers that answer Range requests)
+
+PARALLEL_CONNECTIONS = 3
+PARALLEL_MIN_SIZE = 8 << 20  # smaller images: one connection
+_SEGMENT_MIN, _SEGMENT_MAX = 16 << 20, 256 << 20
+
+
+class RangedSource:
+    """The file behind a probe that was answered 206: more ranges of it, each on its own connection, from the
+    URL the probe was redirected to, with the probe's headers and If-Range (a file that changes midway fails
+    the import instead of mixing two versions)."""
+
+    def __init__(self, probe: HTTPStream) -> None:
+        assert probe.total is not None
+        self.opts = dataclasses.replace(probe.opts, url=probe.url)
+        self.headers = probe.headers
+        self.validator = probe.validator
+        self.total = probe.total
+
+    def open(self, first: int, end: int) -> HTTPStream:
+        stream = HTTPStream(self.opts, self.headers)
+        stream.open((first, end - 1), self.validator)
+        if stream.total is None:
+            stream.close()
+            raise TransferError(HTTP_ERROR, f"GET {self.opts.url}: the file changed during the download (the "
+                                "server stopped answering the range requests)", transient=True)
+        return stream
+
+    def read(self, first: int, end: int) -> bytes:
+        stream = self.open(first, end)
+        try:
+            assert stream.resp is not None
+            data = stream.resp.read()
+        except (OSError, http.client.HTTPException) as err:
+            raise TransferError(CONNECTION_ERROR, f"reading {self.opts.url}: {err}", transient=True) from err
+        finally:
+            stream.close()
+        if len(data) != end - first:
+            raise TransferError(CONNECTION_ERROR, f"reading {self.opts.url}: {len(data)} of {end - first} bytes "
+                                f"at {first}", transient=True)
+        return data
+
+    def segments(self) -> list[tuple[int, int]]:
+        size = min(_SEGMENT_MAX, max(_SEGMENT_MIN, self.total // (PARALLEL_CONNECTIONS * 2))) // CHUNK * CHUNK
+        return [(a, min(self.total, a + size)) for a in range(0, self.total, size)]
+
+    def download(self, place: Callable[[memoryview, int], None], progress: ProgressFn | None,
+                 cancel: threading.Event) -> None:
+        """Every byte of the file through `place(data, offset)` (CHUNK-aligned pieces, any order, from
+        PARALLEL_CONNECTIONS threads: receiving and writing use every core)."""
+        todo = list(reversed(self.segments()))
+        lock = threading.Lock()
+        done = 0
+        last = 0.0
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            nonlocal done, last
+            buf = memoryview(bytearray(CHUNK))
+            try:
+                while not cancel.is_set():
+                    with lock:
+                        if not todo:
+                            return
+                        first, end = todo.pop()
+                    stream = self.open(first, end)
+                    try:
+                        fill = stream.filler()
+                        pos = first
+                        while pos < end and not cancel.is_set():
+                            want = min(CHUNK, end - pos)
+                            try:
+                                n = fill(buf[:want])
+                            except (OSError, http.client.HTTPException) as err:
+                                raise TransferError(CONNECTION_ERROR, f"reading {self.opts.url}: {err}",
+                                                    transient=True) from err
+                            if n < want:
+                                raise TransferError(CONNECTION_ERROR, f"the connection closed after {pos + n - first}"
+                                                    f" of {end - first} bytes of the range at {first}",
+                                                    transient=True)
+                            try:
+                                place(buf[:n], pos)
+                            except OSError as err:
+                                raise _os_error(err, "writing the image") from err
+                            pos += n
+                            with lock:
+                                done += n
+                                now = time.monotonic()
+                                if progress is not None and now - last > 0.5:
+                                    last = now
+                                    progress(done / self.total)
+                    finally:
+                        stream.close()
+            except BaseException as err:  # the first one is raised by download()
+                with lock:
+                    errors.append(err)
+                cancel.set()
+
+        threads = [threading.Thread(target=worker, name=f"http-range-{i}", daemon=True)
+                   for i in range(PARALLEL_CONNECTIONS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
+def _qcow2_map(src: RangedSource, h: Qcow2Header) -> dict[int, list[int]] | None:
+    """host offset -> guest offsets of every data cluster, from the L1 and L2 tables read ahead with range
+    requests; None when the image has compressed clusters (they are inflated by the streaming parser)."""
+    cs = h.cluster_size
+    if h.l1_offset + h.l1_size * 8 > src.total:
+        raise TransferError(INVALID_IMAGE, "the qcow2 image ends before its L1 table")
+    l1 = src.read(h.l1_offset, h.l1_offset + h.l1_size * 8) if h.l1_size else b""
+    tables = l2_tables(h, l1)
+    if any(off + cs > src.total for _, off in tables):
+        raise TransferError(INVALID_IMAGE, "the qcow2 image is truncated: tables point past its end")
+    # runs of adjacent L2 tables in one request each, the requests spread over the connections
+    runs: list[list[tuple[int, int]]] = []
+    for idx, off in sorted(tables, key=lambda t: t[1]):
+        if runs and runs[-1][-1][1] + cs == off and len(runs[-1]) < 256:
+            runs[-1].append((idx, off))
+        else:
+            runs.append([(idx, off)])
+    mapping: dict[int, list[int]] = {}
+    lock = threading.Lock()
+    compressed = False
+    errors: list[BaseException] = []
+
+    def fetch(mine: list[list[tuple[int, int]]]) -> None:
+        nonlocal compressed
+        try:
+            for run in mine:
+                data = src.read(run[0][1], run[-1][1] + cs)
+                for k, (idx, _) in enumerate(run):
+                    found = list(l2_clusters(h, data[k * cs:(k + 1) * cs], idx))
+                    with lock:
+                        for guest, host, clen in found:
+                            if clen:
+                                compressed = True
+                            else:
+                                mapping.setdefault(host, []).append(guest)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=fetch, args=(runs[i::PARALLEL_CONNECTIONS],), daemon=True)
+               for i in range(min(PARALLEL_CONNECTIONS, len(runs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    if compressed:
+        return None
+    if any(host + cs > src.total for host in mapping):
+        raise TransferError(INVALID_IMAGE, "the qcow2 image is truncated: tables point past its end")
+    return mapping
+
+
+def _qcow2_placer(fd: int, mapping: Mapping[int, list[int]], cs: int) -> Callable[[memoryview, int], None]:
+    def place(data: memoryview, offset: int) -> None:
+        out = _Coalescer(fd)
+        for i in range(0, len(data), cs):
+            guests = mapping.get(offset + i)
+            if guests:
+                for g in guests:
+                    out.add(data[i:i + cs], g)
+        out.flush()
+    return place
+
+
+def parallel_import(src: RangedSource, head: bytes, target: Path, work_dir: Path, limit: int,
+                    progress: ProgressFn | None, cancel: threading.Event) -> PipelineResult | None:
+    """Raw, qcow2 without compressed clusters, and what qemu-img converts (to a scratch file) over several
+    connections; None when the image must stream through the Pipeline (compressed clusters)."""
+    kind, header = image_kind(head)
+    place: Callable[[memoryview, int], None]
+    scratch = None
+    if header is not None:
+        if header.size > limit:
+            raise TransferError(TOO_LARGE, f"virtual image size {header.size} is larger than the volume's usable "
+                                f"size of {limit} bytes; a larger volume is required")
+        mapping = _qcow2_map(src, header)
+        if mapping is None:
+            log.info("qcow2 image with compressed clusters: streamed")
+            return None
+        size = header.size
+        path = target
+    elif kind == "raw":
+        if src.total > limit:
+            raise TransferError(TOO_LARGE, f"the image is larger than the volume's usable size of {limit} bytes; "
+                                "a larger volume is required")
+        size = src.total
+        path = target
+    else:
+        size = src.total
+        path = scratch = work_dir / ".scratch"
+    try:
+        fd = _create(path)
+    except OSError as err:
+        raise _os_error(err, f"creating {path}") from err
+    try:
+        os.ftruncate(fd, size)
+        if header is not None:
+            place = _qcow2_placer(fd, mapping, header.cluster_size)
+        else:
+            def place(data: memoryview, offset: int) -> None:
+                _write_sparse(fd, data, offset)
+        src.download(place, progress, cancel)
+    except BaseException:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    if cancel.is_set():
+        raise TransferError(TRANSFER_FAILED, "the import was cancelled", transient=True)
+    if kind == "scratch":
+        return PipelineResult("scratch", 0, scratch, src.total)
+    return PipelineResult(kind, size, None, src.total)
 
 
 def file_chunks(path: Path, cancel: threading.Event) -> Iterable[memoryview]:
@@ -953,12 +1236,30 @@ async def import_http(opts: HTTPOptions, target: Path, work_dir: Path, limit: in
     stream = HTTPStream(opts)
 
     def download() -> PipelineResult:
-        stream.open()
+        # The first request asks for the image's head as a range: a server that answers 206 gets several
+        # connections (parallel_import); one that answers 200 streams the whole body through the Pipeline.
+        stream.open((0, SNIFF_BYTES - 1))
         try:
             if stream.length is not None and stream.length == 0:
                 raise TransferError(INVALID_IMAGE, f"GET {opts.url}: the response is empty")
             pipeline = Pipeline(target, work_dir, limit, checksum=checksum)
-            return run_pipeline(stream.chunks(_scaled(progress, 0.0, 0.95), cancel), pipeline)
+            if stream.total is None:
+                return run_pipeline(stream.chunks(_scaled(progress, 0.0, 0.95), cancel), pipeline)
+            try:
+                assert stream.resp is not None
+                head = stream.resp.read()
+            except (OSError, http.client.HTTPException) as err:
+                raise TransferError(CONNECTION_ERROR, f"reading {opts.url}: {err}", transient=True) from err
+            finally:
+                stream.close()
+            src = RangedSource(stream)
+            if (checksum is None and src.total >= PARALLEL_MIN_SIZE and len(head) == SNIFF_BYTES
+                    and not head.startswith((_GZIP, _XZ))):
+                result = parallel_import(src, head, target, work_dir, limit, _scaled(progress, 0.0, 0.95), cancel)
+                if result is not None:
+                    return result
+            # checksums and decompression need the bytes in order: the head, then the rest as one stream
+            return run_pipeline(_rest(src, head, _scaled(progress, 0.0, 0.95), cancel), pipeline)
         finally:
             stream.close()
 
@@ -970,6 +1271,19 @@ async def import_http(opts: HTTPOptions, target: Path, work_dir: Path, limit: in
     except TimeoutError as err:
         raise TransferError(CONNECTION_ERROR, f"{opts.url}: timed out", transient=True) from err
     return await finish_image(result, target, limit, progress=_scaled(progress, 0.95, 1.0), preallocate=preallocate)
+
+
+def _rest(src: RangedSource, head: bytes, progress: ProgressFn | None,
+          cancel: threading.Event) -> Iterable[memoryview]:
+    yield memoryview(head)
+    if len(head) >= src.total:
+        return
+    rest = src.open(len(head), src.total)
+    part = _scaled(progress, len(head) / src.total, 1.0)
+    try:
+        yield from rest.chunks(part, cancel)
+    finally:
+        rest.close()
 
 
 async def import_file(source: Path, target: Path, work_dir: Path, limit: int, *, checksum: str | None = None,
