@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from virtplane.api import quantity, validation
+from virtplane.api import instancetype, quantity, validation
 from virtplane.api.resources import Cause, Resource
 
 JSON = dict[str, Any]
@@ -965,6 +965,10 @@ def _validate_vm(req: Request) -> list[Cause]:
     causes += _vmi_spec_causes("spec.template.spec", _dict(template.get("spec")))
     causes += _dv_template_causes(spec)
     causes += _run_strategy_causes(spec)
+    if isinstance(spec.get("instancetype"), dict):
+        conflicts = instancetype.static_conflicts(_dict(template.get("spec")))
+        if conflicts:  # KubeVirt's instancetype admitter: one cause naming every conflicting field
+            causes.append(_invalid(", ".join(conflicts), instancetype.conflicts_message(conflicts)))
     return causes
 
 

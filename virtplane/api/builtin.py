@@ -445,6 +445,14 @@ def builtin_resources() -> list[resources.Resource]:
                  Col("Containers", s, "", "Names of each container in the template.", 1),
                  Col("Images", s, "", "Images referenced by each container in the template.", 1),
                  Col("Selector", s, "", "Label selector for pods.", 1))),
+        _r("apps", "v1", "ControllerRevision", "controllerrevisions", status=False,
+           schema=_root("ControllerRevision implements an immutable snapshot of state data.",
+                        {"data": _free("Data is the serialized representation of the state."),
+                         "revision": {"type": "integer", "format": "int64",
+                                      "description": "Revision indicates the revision of the state represented "
+                                                     "by Data."}}, ("revision",)),
+           cols=(Col("Controller", s, "", "The controller of the revision."),
+                 Col("Revision", i, ".revision", "The revision number."), _AGE)),
         _r("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", status=False,
            schema=_endpoint_slice_schema(),
            cols=(Col("AddressType", s, ".addressType", "The IP protocol for this slice."),
@@ -757,6 +765,13 @@ def _service_account_row(sa: JSON) -> list[Any]:
     return [len(_list(sa.get("secrets"))), _get(sa, "metadata", "creationTimestamp")]
 
 
+def _controller_revision_row(cr: JSON) -> list[Any]:
+    owner = next((r for r in _list(_get(cr, "metadata", "ownerReferences")) if r.get("controller")), None)
+    controller = f"{owner.get('kind', '').lower()}.{owner.get('apiVersion', '').split('/')[0]}/{owner.get('name')}" \
+        if owner else "<none>"
+    return [controller, cr.get("revision"), _get(cr, "metadata", "creationTimestamp")]
+
+
 _ROWS = {
     ("", "Pod"): _pod_row,
     ("", "Node"): _node_row,
@@ -771,6 +786,7 @@ _ROWS = {
     ("storage.k8s.io", "StorageClass"): _storage_class_row,
     ("apps", "Deployment"): _deployment_row,
     ("apps", "ReplicaSet"): _replicaset_row,
+    ("apps", "ControllerRevision"): _controller_revision_row,
     ("discovery.k8s.io", "EndpointSlice"): _endpoint_slice_row,
 }
 

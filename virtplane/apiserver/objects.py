@@ -847,8 +847,12 @@ def _unsupported_by_hypervisor(res: resources.Resource, obj: JSON) -> list[resou
         spec = spec.get(p) if isinstance(spec, dict) else None
     if not isinstance(spec, dict):
         return []
-    return [resources.Cause("FieldValueNotSupported", message, field)
-            for field, message in hypervisor.check_supported(spec, ".".join(path))]
+    causes = [resources.Cause("FieldValueNotSupported", message, field)
+              for field, message in hypervisor.check_supported(spec, ".".join(path))]
+    if res.kind == "VirtualMachine" and isinstance((obj.get("spec") or {}).get("instancetype"), dict):
+        # the instance type brings the guest memory; the VMI it expands into is checked when it is created
+        causes = [c for c in causes if c.field != "spec.template.spec.domain.memory.guest"]
+    return causes
 
 
 async def cancel_quietly(task: asyncio.Task[Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import virtplane
 from virtplane.apiserver import auth, pki, server, serviceips
-from virtplane.cli import demo, join, nodes
+from virtplane.cli import demo, instancetypes, join, nodes
 from virtplane.client import rest
 from virtplane.controllers import manager
 from virtplane.hypervisor import cgroups
@@ -136,6 +136,8 @@ async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> 
                 async with rest.Client(rest.ClientConfig.from_kubeconfig(kubeconfig)) as client:
                     await demo.create_demo_vm(client, image)
     if with_controllers:
+        async with rest.Client(rest.ClientConfig.from_kubeconfig(kubeconfig)) as client:
+            await instancetypes.ensure_common(client)
         ctrl = manager.ControllerManager(rest.ClientConfig.from_kubeconfig(ctrl_kubeconfig),
                                          storage_root=data / "storage")
         await ctrl.start()

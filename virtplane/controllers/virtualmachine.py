@@ -37,6 +37,7 @@ from typing import Any
 
 from virtplane.api import hotplug
 from virtplane.client import events, informer, rest
+from virtplane.controllers import instancetypes
 from virtplane.controllers import vmi as vmi_ctrl
 
 log = logging.getLogger(__name__)
@@ -566,6 +567,7 @@ class VMController:
         self._created: dict[informer.Key, tuple[JSON, float]] = {}
         self._deleted: dict[informer.Key, tuple[str, float]] = {}
         self._writes = vmi_ctrl.WriteTracker()
+        self.instancetypes = instancetypes.Revisions(self.client, self.recorder, self._writes)
         self.vms.add_handler(self._on_vm)
         self.vmis.add_handler(self._on_vmi)
         self.dvs.add_handler(self._on_volume)
@@ -666,6 +668,7 @@ class VMController:
                     await self._stop(vm, vmi)
                     stop_expected = True
             else:
+                vm = await self.instancetypes.store(vm)
                 vmi = await self._bump_generation(vm, vmi)
                 ready = await self._sync_datavolumes(vm)
                 if ready or run_strategy(vm) == "Halted":
@@ -682,8 +685,8 @@ class VMController:
                         await self._set_always(vm)
                 if vmi is not None and not start_expected:
                     await self._live_update(vm, vmi)
-        except SyncError as exc:
-            error = exc
+        except (SyncError, instancetypes.SyncError) as exc:
+            error = SyncError(exc.reason, exc.message)
             log.warning("VM %s/%s: %s", key[0], key[1], exc.message)
         more = await self._update_status(vm, vmi, error, start_expected=start_expected, stop_expected=stop_expected)
         if error is not None:
@@ -739,6 +742,7 @@ class VMController:
     async def _start(self, vm: JSON) -> bool:
         body = vmi_from_vm(vm)
         meta = vm["metadata"]
+        await self.instancetypes.expand(vm, body)
         try:
             created = await self.client.create(VMIS, body, meta.get("namespace"))
         except rest.Conflict:

@@ -28,6 +28,7 @@ def test_names_scopes_and_subresources(by_kind: dict[str, resources.Resource]) -
         "Lease": ("coordination.k8s.io", "leases", (), True),
         "CustomResourceDefinition": ("apiextensions.k8s.io", "customresourcedefinitions", ("crd", "crds"), False),
         "Deployment": ("apps", "deployments", ("deploy",), True), "ReplicaSet": ("apps", "replicasets", ("rs",), True),
+        "ControllerRevision": ("apps", "controllerrevisions", (), True),
         "EndpointSlice": ("discovery.k8s.io", "endpointslices", (), True),
     }
     assert {k: (r.group, r.plural, r.short_names, r.namespaced) for k, r in by_kind.items()} == expect
