@@ -19,7 +19,10 @@ Containerdisks, cloud-init and other ephemeral volumes are copied as they are.
 - then `patches`: each string one JSON patch operation (RFC 6902) on the target VM, applied in order, as
   KubeVirt does; one that is not JSON or does not apply fails the clone naming it.
 
-Not implemented: `volumeNamePolicy`, cloning a running VM (KubeVirt's online snapshot: the clone waits for
+`volumeNamePolicy`: RandomizeNames (default) or PrefixTargetName (`<target>-<volume>`); a name already taken by
+a DataVolume or PVC fails the clone (TargetVolumeExists) before anything is created.
+
+Not implemented: cloning a running VM (KubeVirt's online snapshot: the clone waits for
 the source to stop).
 """
 
@@ -74,7 +77,15 @@ def claim_of(volume: JSON) -> str | None:
     return None
 
 
+RANDOMIZE_NAMES, PREFIX_TARGET_NAME = "RandomizeNames", "PrefixTargetName"
+VOLUME_NAME_POLICIES = (RANDOMIZE_NAMES, PREFIX_TARGET_NAME)
+
+
 def restore_name(clone: JSON, volume: str) -> str:
+    """The target's copy of the source volume `volume`, named by `spec.volumeNamePolicy`: RandomizeNames (the
+    default) `restore-<clone uid prefix>-<volume>`, PrefixTargetName `<target VM>-<volume>`."""
+    if (clone.get("spec") or {}).get("volumeNamePolicy") == PREFIX_TARGET_NAME:
+        return f"{target_name(clone)}-{volume}"[:253]
     return f"restore-{clone['metadata']['uid'][:8]}-{volume}"[:253]
 
 
@@ -203,6 +214,10 @@ class VMCloneController:
         target_ref = spec.get("target") or {}
         if target_ref.get("kind") not in (None, "VirtualMachine"):
             return await self._fail(clone, "UnsupportedTarget", "the target must be a VirtualMachine")
+        policy = spec.get("volumeNamePolicy") or RANDOMIZE_NAMES
+        if policy not in VOLUME_NAME_POLICIES:
+            return await self._fail(clone, "InvalidVolumeNamePolicy", f"volumeNamePolicy {policy!r} is not "
+                                    f"supported: use {' or '.join(VOLUME_NAME_POLICIES)}")
         name = target_name(clone)
         target = self.vms.get(ns, name)
         if status.get("phase") in (None, "", SNAPSHOT_IN_PROGRESS):
@@ -217,6 +232,10 @@ class VMCloneController:
                 target_vm(clone, source)  # patches that cannot apply fail the clone before anything is made
             except PatchesError as exc:
                 return await self._fail(clone, "InvalidPatches", str(exc))
+            taken = await self._taken_volume(clone, source)
+            if taken:
+                return await self._fail(clone, "TargetVolumeExists", f"{taken} already exists (volumeNamePolicy "
+                                        f"{policy}): delete it or choose another target name or policy")
             try:
                 vmi = await self.client.get(VMIS, source["metadata"]["name"], ns)
             except rest.NotFound:
@@ -242,6 +261,25 @@ class VMCloneController:
             await self.recorder.event(clone, "Normal", "CloneSucceeded", f"Successfully cloned into VM {name}")
             return None
         return None  # DataVolume events bring us back
+
+    async def _taken_volume(self, clone: JSON, source: JSON) -> str | None:
+        """A DataVolume or PVC that already has the name one of the target's volumes would get."""
+        ns = source["metadata"].get("namespace") or ""
+        for volume in ((source.get("spec") or {}).get("template") or {}).get("spec", {}).get("volumes") or []:
+            if not claim_of(volume):
+                continue
+            name = restore_name(clone, volume["name"])
+            dv = self.dvs.get(ns, name)
+            if dv is not None:
+                if (dv["metadata"].get("labels") or {}).get(CLONE_LABEL) == clone["metadata"]["name"]:
+                    continue  # ours, from an earlier pass
+                return f"DataVolume {name}"
+            try:
+                await self.client.get(PVCS, name, ns)
+                return f"PersistentVolumeClaim {name}"
+            except rest.NotFound:
+                pass
+        return None
 
     async def _create_target(self, clone: JSON, source: JSON) -> float | None:
         ns = source["metadata"].get("namespace") or ""
@@ -275,8 +313,11 @@ class VMCloneController:
                   "spec": {"source": {"pvc": {"namespace": ns, "name": claim}}, "storage": storage}}
             try:
                 await self.client.create(DATAVOLUMES, dv, ns)
-            except rest.Conflict:
-                pass  # created by an earlier pass
+            except rest.Conflict:  # created by an earlier pass, or someone else's (checked before the target VM)
+                other = await self.client.get(DATAVOLUMES, dv["metadata"]["name"], ns)
+                if (other["metadata"].get("labels") or {}).get(CLONE_LABEL) != clone["metadata"]["name"]:
+                    return await self._fail(clone, "TargetVolumeExists",
+                                            f"DataVolume {dv['metadata']['name']} already exists")
             except rest.APIError as exc:
                 return await self._fail(clone, "RestoreFailed", exc.status.get("message", str(exc)))
         await self._set(clone, RESTORE_IN_PROGRESS, "True", "RestoreInProgress", "cloning the source's volumes",

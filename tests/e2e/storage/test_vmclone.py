@@ -146,6 +146,24 @@ def test_clone_stopped_vm(cluster: Cluster, image: str, tmp_path: Path) -> None:
         assert ready["reason"] == "InvalidPatches" and "/spec/nothing" in ready["message"], ready
         assert get(cluster, "vm", "dst4") is None
 
+        # volumeNamePolicy PrefixTargetName names the copies <target>-<volume>; a name already taken fails
+        # the clone before anything is made
+        cluster.kubectl("apply", "-f", "-", input=clone("c5", "src", "dst5", volumeNamePolicy="PrefixTargetName"))
+        wait_for(lambda: phase("c5") in ("Succeeded", "Failed"), STEP, what="clone c5 done")
+        assert phase("c5") == "Succeeded", get(cluster, "vmclone", "c5")
+        volumes = (get(cluster, "vm", "dst5") or {})["spec"]["template"]["spec"]["volumes"]
+        assert next(v for v in volumes if v["name"] == "data")["dataVolume"]["name"] == "dst5-data"
+        assert first_bytes(cluster, "dst5-data", tmp_path) == MARK
+        cluster.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "dst6-data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}}}))
+        cluster.kubectl("apply", "-f", "-", input=clone("c6", "src", "dst6", volumeNamePolicy="PrefixTargetName"))
+        wait_for(lambda: phase("c6") == "Failed", STEP, what="clone c6 Failed")
+        ready = next(c for c in (get(cluster, "vmclone", "c6") or {})["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "TargetVolumeExists" and "dst6-data" in ready["message"], ready
+        assert get(cluster, "vm", "dst6") is None
+        cluster.kubectl("delete", "pvc", "dst6-data", "--wait=false")
+
         # the clone boots, with a MAC of its own
         virtctl(cluster, "start", "dst")
         boot(cluster, "dst")
@@ -160,7 +178,7 @@ def test_clone_stopped_vm(cluster: Cluster, image: str, tmp_path: Path) -> None:
                  STEP, what="c3 waiting for its source to stop")
         assert get(cluster, "vm", "dst2") is None
     finally:
-        for vm in ("dst", "dst2", "src"):
+        for vm in ("dst", "dst2", "dst5", "src"):
             cluster.kubectl("delete", "vm", vm, "--wait=false", check=False)
         wait_for(lambda: get(cluster, "vmi", "dst") is None, STEP, what="VMI dst gone")
 

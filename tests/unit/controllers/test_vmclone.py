@@ -64,3 +64,14 @@ def test_target_vm_patches() -> None:
         clone["spec"]["patches"] = [bad]
         with pytest.raises(vmclone.PatchesError, match=re.escape(says)):
             vmclone.target_vm(clone, source)
+
+
+def test_volume_name_policy() -> None:
+    source = {"metadata": {"name": "src", "namespace": "ns"},
+              "spec": {"template": {"spec": {"volumes": [{"name": "root", "dataVolume": {"name": "d"}}]}}}}
+    clone = {"metadata": {"name": "c", "uid": "0123456789abcdef"}, "spec": {"target": {"name": "dst"}}}
+    volumes = vmclone.target_vm(clone, source)["spec"]["template"]["spec"]["volumes"]
+    assert volumes == [{"name": "root", "dataVolume": {"name": "restore-01234567-root"}}]  # RandomizeNames
+    clone["spec"]["volumeNamePolicy"] = "PrefixTargetName"
+    volumes = vmclone.target_vm(clone, source)["spec"]["template"]["spec"]["volumes"]
+    assert volumes == [{"name": "root", "dataVolume": {"name": "dst-root"}}]
