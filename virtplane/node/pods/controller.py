@@ -50,6 +50,8 @@ POLL_SECONDS = 1.0
 BACKOFF_START, BACKOFF_MAX = 10.0, 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-off over (kubelet: 10 min)
 DEFAULT_GRACE = 30
+MIN_GRACE_AFTER_HOOK = 2.0  # the kubelet's minimumGracePeriodInSeconds: SIGTERM's time after a long preStop
+POSTSTART_TIMEOUT = 120.0  # the kubelet has none; a hung postStart would hold the pod's sync (and deletion)
 
 
 def is_launcher(pod: JSON) -> bool:
@@ -79,6 +81,7 @@ class PodController:
         self.last_seen: dict[Key, JSON] = {}
         self.queue = informer.WorkQueue(self.reconcile, workers=8, name="node-pods")
         self.probe_states: dict[tuple[str, str, str], probes.ProbeState] = {}  # (pod uid, container, kind)
+        self.stopping: dict[str, set[asyncio.Task[None]]] = {}  # pod uid → its running preStop hooks (then SIGTERM)
 
     def on_pod_event(self, _kind: str, obj: JSON, _old: JSON | None) -> None:
         if not is_launcher(obj):
@@ -450,6 +453,15 @@ class PodController:
         sb.save()
         await self.recorder.event(obj, "Normal", "Created", f"Created container {name}")
         await self.recorder.event(obj, "Normal", "Started", f"Started container {name}")
+        hook = (c.get("lifecycle") or {}).get("postStart")
+        if hook:
+            # As the kubelet: the pod's sync waits for the hook, so the container is reported Running only once
+            # it returned; a failed hook kills the container, which then restarts per policy.
+            ok, message = await self._run_hook(pod, sb, c, hook, POSTSTART_TIMEOUT)
+            if not ok:
+                await self.recorder.event(obj, "Warning", "FailedPostStartHook", message)
+                await self.recorder.event(obj, "Normal", "Killing", f"FailedPostStartHook: stopping container {name}")
+                await self.runtime.signal(sb, name, signal.SIGKILL)
 
     async def _pull_credentials(self, pod: JSON, image: str) -> list[oci.Credentials]:
         """Credentials for `image` from the pod's imagePullSecrets, read through the API. A pod listing none
@@ -479,6 +491,42 @@ class PodController:
         except (dockerconfig.DockerConfigError, oci.OCIError) as err:
             raise ImagePullError(str(err)) from None
 
+    async def _run_hook(self, pod: JSON, sb: Sandbox, c: JSON, handler: JSON, seconds: float) -> tuple[bool, str]:
+        """A lifecycle handler (exec, httpGet, sleep) in/against the running container, within `seconds`.
+        Returns (ok, the kubelet's failure message)."""
+        name = c["name"]
+        for _ in range(600):  # up to 30 s for the shim to report runc's pid (nothing to exec into before)
+            if read_state(sb, name).state != "starting":
+                break
+            await asyncio.sleep(0.05)
+        if read_state(sb, name).state != "running":
+            return False, f"container {name} is not running"
+        if handler.get("sleep"):
+            await asyncio.sleep(min(float(handler["sleep"].get("seconds") or 0), seconds))
+            return True, ""
+        ok, message = await probes.run_probe({**handler, "timeoutSeconds": max(seconds, 0.001)}, c, sb.pod_ip,
+                                             self._exec_fn(sb, name))  # fmt: skip
+        if ok:
+            return True, ""
+        meta = pod["metadata"]
+        where = f'for Container "{name}" in Pod "{meta["name"]}_{meta.get("namespace")}({meta["uid"]})"'
+        if handler.get("exec"):
+            what = f"Exec lifecycle hook ([{' '.join(map(str, (handler['exec'] or {}).get('command') or []))}])"
+        else:
+            what = f"HTTP lifecycle hook ({(handler.get('httpGet') or {}).get('path', '/')})"
+        return False, f"{what} {where} failed - {message}"
+
+    async def _pre_stop_then_term(self, pod: JSON, sb: Sandbox, c: JSON, hook: JSON) -> None:
+        """preStop, then SIGTERM: the hook's time counts against the grace period; if it used (nearly) all of it,
+        SIGTERM still gets 2 s before SIGKILL (the kubelet's minimum grace)."""
+        ok, message = await self._run_hook(pod, sb, c, hook, max(0.0, sb.grace_deadline - time.time()))
+        if not ok:
+            await self.recorder.event(self._obj(pod), "Warning", "FailedPreStopHook", message)
+        if sb.grace_deadline - time.time() < MIN_GRACE_AFTER_HOOK:
+            sb.grace_deadline = time.time() + MIN_GRACE_AFTER_HOOK
+            sb.save()
+        await self.runtime.signal(sb, c["name"], signal.SIGTERM)
+
     # -- termination --------------------------------------------------------------------------------------
     async def _terminate(self, key: Key, sb: Sandbox, pod: JSON | None) -> float | None:
         now = time.time()
@@ -493,10 +541,18 @@ class PodController:
             sb.grace_deadline = now + grace
             sb.containers.setdefault("__pod__", {})["deletionGrace"] = grace
             sb.save()
+            specs = {c["name"]: c for key in ("initContainers", "containers")
+                     for c in ((last or {}).get("spec") or {}).get(key) or []}  # fmt: skip
             for n in running:
                 if last is not None:
                     await self.recorder.event(self._obj(last), "Normal", "Killing", f"Stopping container {n}")
-                await self.runtime.signal(sb, n, signal.SIGTERM)
+                hook = ((specs.get(n) or {}).get("lifecycle") or {}).get("preStop")
+                if hook and last is not None:
+                    task = asyncio.create_task(self._pre_stop_then_term(last, sb, specs[n], hook))
+                    self.stopping.setdefault(sb.uid, set()).add(task)
+                    task.add_done_callback(self.stopping[sb.uid].discard)
+                else:
+                    await self.runtime.signal(sb, n, signal.SIGTERM)
         elif running and deleting and pod["metadata"].get("deletionGracePeriodSeconds") is not None:
             # a second DELETE may shorten the grace period (never lengthen it): it counts from now
             shorter = int(pod["metadata"]["deletionGracePeriodSeconds"])
@@ -505,8 +561,9 @@ class PodController:
                 rec["deletionGrace"] = shorter
                 sb.grace_deadline = min(sb.grace_deadline, now + shorter)
                 sb.save()
-        if running and now < sb.grace_deadline:
-            return 0.5
+        if running and (now < sb.grace_deadline or self.stopping.get(sb.uid)):
+            return 0.5  # (a preStop hook ends by the deadline, then may extend it by 2 s for SIGTERM)
+        self.stopping.pop(sb.uid, None)
         for n in running:
             await self.runtime.signal(sb, n, signal.SIGKILL)
         await self.runtime.remove_sandbox(sb)
