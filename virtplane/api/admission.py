@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from virtplane.api import instancetype, quantity, validation
+from virtplane.api import instancetype, quantity, rbac_validation, validation
 from virtplane.api.resources import Cause, Resource
 
 JSON = dict[str, Any]
@@ -1425,6 +1425,10 @@ VALIDATORS: Mapping[tuple[str, str], tuple[Check, ...]] = types.MappingProxyType
     ("storage.k8s.io", "StorageClass"): (_validate_storage_class,),
     ("apps", "Deployment"): (_validate_workload,),
     ("apps", "ReplicaSet"): (_validate_workload,),
+    (rbac_validation.RBAC_GROUP, "Role"): (rbac_validation.validate_role,),
+    (rbac_validation.RBAC_GROUP, "ClusterRole"): (rbac_validation.validate_cluster_role,),
+    (rbac_validation.RBAC_GROUP, "RoleBinding"): (rbac_validation.validate_role_binding,),
+    (rbac_validation.RBAC_GROUP, "ClusterRoleBinding"): (rbac_validation.validate_cluster_role_binding,),
 })
 
 

@@ -304,6 +304,130 @@ def _replicated_schema(description: str) -> JSON:
     )
 
 
+def _strings(description: str) -> JSON:
+    return {"type": "array", "description": description, "items": {"type": "string"},
+            "x-kubernetes-list-type": "atomic"}
+
+
+def _policy_rules() -> JSON:
+    rule = {
+        "type": "object",
+        "description": "PolicyRule holds information that describes a policy rule, but does not contain "
+        "information about who the rule applies to or which namespace the rule applies to.",
+        "required": ["verbs"],
+        "properties": {
+            "verbs": _strings("Verbs is a list of Verbs that apply to ALL the ResourceKinds contained in this "
+                              "rule. '*' represents all verbs."),
+            "apiGroups": _strings("APIGroups is the name of the APIGroup that contains the resources. \"\" "
+                                  "represents the core API group and \"*\" represents all API groups."),
+            "resources": _strings("Resources is a list of resources this rule applies to. '*' represents all "
+                                  "resources."),
+            "resourceNames": _strings("ResourceNames is an optional white list of names that the rule applies "
+                                      "to. An empty set means that everything is allowed."),
+            "nonResourceURLs": _strings("NonResourceURLs is a set of partial urls that a user should have "
+                                        "access to. *s are allowed, but only as the full, final step in the "
+                                        "path."),
+        },
+    }
+    return {"type": "array", "description": "Rules holds all the PolicyRules for this Role", "items": rule,
+            "x-kubernetes-list-type": "atomic"}
+
+
+def _role_schema(cluster: bool) -> JSON:
+    props: JSON = {"rules": _policy_rules()}
+    if cluster:
+        props["aggregationRule"] = {
+            "type": "object",
+            "description": "AggregationRule is an optional field that describes how to build the Rules for "
+            "this ClusterRole. If AggregationRule is set, then the Rules are controller managed and direct "
+            "changes to Rules will be stomped by the controller.",
+            "properties": {"clusterRoleSelectors": {
+                "type": "array", "items": _free("a label selector"), "x-kubernetes-list-type": "atomic",
+                "description": "ClusterRoleSelectors holds a list of selectors which will be used to find "
+                "ClusterRoles and create the rules. If any of the selectors match, then the ClusterRole's "
+                "permissions will be added"}},
+        }
+    what = "ClusterRole is a cluster level, logical grouping of PolicyRules that can be referenced as a unit " \
+        "by a RoleBinding or ClusterRoleBinding." if cluster else \
+        "Role is a namespaced, logical grouping of PolicyRules that can be referenced as a unit by a RoleBinding."
+    return _root(what, props)
+
+
+def _binding_schema(cluster: bool) -> JSON:
+    subject = {
+        "type": "object",
+        "description": "Subject contains a reference to the object or user identities a role binding applies to.",
+        "required": ["kind", "name"],
+        "properties": {
+            "kind": _str("Kind of object being referenced. Values defined by this API group are \"User\", "
+                         "\"Group\", and \"ServiceAccount\"."),
+            "apiGroup": _str("APIGroup holds the API group of the referenced subject."),
+            "name": _str("Name of the object being referenced."),
+            "namespace": _str("Namespace of the referenced object."),
+        },
+        "x-kubernetes-map-type": "atomic",
+    }
+    role_ref = {
+        "type": "object",
+        "description": "RoleRef contains information that points to the role being used",
+        "required": ["apiGroup", "kind", "name"],
+        "properties": {"apiGroup": _str("APIGroup is the group for the resource being referenced"),
+                       "kind": _str("Kind is the type of resource being referenced"),
+                       "name": _str("Name is the name of resource being referenced")},
+        "x-kubernetes-map-type": "atomic",
+    }
+    what = "ClusterRoleBinding references a ClusterRole, but not contain it." if cluster else \
+        "RoleBinding references a role, but does not contain it."
+    return _root(what, {"subjects": {"type": "array", "items": subject, "x-kubernetes-list-type": "atomic",
+                                     "description": "Subjects holds references to the objects the role applies "
+                                     "to."},
+                        "roleRef": role_ref}, ("roleRef",))
+
+
+def _review_schema(description: str) -> JSON:
+    return _root(description, {"spec": _free("Spec holds information about the request being evaluated"),
+                               "status": _free("Status is filled in by the server")}, ("spec",))
+
+
+def rbac_resources() -> list[resources.Resource]:
+    """rbac.authorization.k8s.io/v1, and the create-only review kinds of authorization.k8s.io/v1 and
+    authentication.k8s.io/v1 (served by virtplane.apiserver.rbac_reviews, never stored)."""
+    s = "string"
+    created = (Col("Created At", s, ".metadata.creationTimestamp", "The time the role was created.",
+                   format="date-time"),)
+    bound = (Col("Role", s, "", "The role the binding refers to."), _AGE,
+             Col("Users", s, "", "The users the binding applies to.", 1),
+             Col("Groups", s, "", "The groups the binding applies to.", 1),
+             Col("ServiceAccounts", s, "", "The service accounts the binding applies to.", 1))
+    g = "rbac.authorization.k8s.io"
+    create = ("create",)
+    return [
+        _r(g, "v1", "Role", "roles", status=False, schema=_role_schema(False), cols=created),
+        _r(g, "v1", "ClusterRole", "clusterroles", namespaced=False, status=False, schema=_role_schema(True),
+           cols=created),
+        _r(g, "v1", "RoleBinding", "rolebindings", status=False, schema=_binding_schema(False), cols=bound),
+        _r(g, "v1", "ClusterRoleBinding", "clusterrolebindings", namespaced=False, status=False,
+           schema=_binding_schema(True), cols=bound),
+        _r("authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", namespaced=False,
+           status=False, verbs=create, schema=_review_schema("SelfSubjectAccessReview checks whether or the "
+                                                              "current user can perform an action.")),
+        _r("authorization.k8s.io", "v1", "SelfSubjectRulesReview", "selfsubjectrulesreviews", namespaced=False,
+           status=False, verbs=create, schema=_review_schema("SelfSubjectRulesReview enumerates the set of "
+                                                              "actions the current user can perform within a "
+                                                              "namespace.")),
+        _r("authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", namespaced=False,
+           status=False, verbs=create, schema=_review_schema("SubjectAccessReview checks whether or not a user "
+                                                              "or group can perform an action.")),
+        _r("authorization.k8s.io", "v1", "LocalSubjectAccessReview", "localsubjectaccessreviews", status=False,
+           verbs=create, schema=_review_schema("LocalSubjectAccessReview checks whether or not a user or group "
+                                               "can perform an action in a given namespace.")),
+        _r("authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", namespaced=False,
+           status=False, verbs=create, schema=_root("SelfSubjectReview contains the user information that the "
+                                                    "kube-apiserver has about the user making this request.",
+                                                    {"status": _free("Status is filled in by the server")})),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # Built-in resources
 
@@ -458,6 +582,7 @@ def builtin_resources() -> list[resources.Resource]:
            cols=(Col("AddressType", s, ".addressType", "The IP protocol for this slice."),
                  Col("Ports", s, "", "The ports for this slice."),
                  Col("Endpoints", s, "", "The addresses of this slice."), _AGE)),
+        *rbac_resources(),
     ]
 
 
@@ -772,6 +897,18 @@ def _controller_revision_row(cr: JSON) -> list[Any]:
     return [controller, cr.get("revision"), _get(cr, "metadata", "creationTimestamp")]
 
 
+def _binding_row(b: JSON) -> list[Any]:
+    ref = _dict(b.get("roleRef"))
+    subjects = [x for x in _list(b.get("subjects")) if isinstance(x, dict)]
+
+    def names(kind: str) -> str:
+        return ", ".join((f"{x.get('namespace', '')}/{x.get('name', '')}" if kind == "ServiceAccount"
+                          else str(x.get("name", ""))) for x in subjects if x.get("kind") == kind)
+
+    return [f"{ref.get('kind', '')}/{ref.get('name', '')}", _get(b, "metadata", "creationTimestamp"),
+            names("User"), names("Group"), names("ServiceAccount")]
+
+
 _ROWS = {
     ("", "Pod"): _pod_row,
     ("", "Node"): _node_row,
@@ -788,6 +925,8 @@ _ROWS = {
     ("apps", "ReplicaSet"): _replicaset_row,
     ("apps", "ControllerRevision"): _controller_revision_row,
     ("discovery.k8s.io", "EndpointSlice"): _endpoint_slice_row,
+    ("rbac.authorization.k8s.io", "RoleBinding"): _binding_row,
+    ("rbac.authorization.k8s.io", "ClusterRoleBinding"): _binding_row,
 }
 
 

@@ -524,8 +524,16 @@ def is_valid_label_value(value: str) -> list[str]:
     return errs
 
 
+def is_path_segment_name(value: str) -> list[str]:
+    """apimachinery's IsValidPathSegmentName: the names of RBAC objects (`kubevirt.io:admin`)."""
+    if value in (".", ".."):
+        return [f"may not be '{value}'"]
+    return [f"may not contain '{c}'" for c in ("/", "%") if c in value]
+
+
 _NAME_FUNCS: dict[str, Callable[[str], list[str]]] = {
     "subdomain": is_dns1123_subdomain,
+    "path": is_path_segment_name,
     "label": is_dns1123_label,
     "dns1035": is_dns1035_label,
 }

@@ -729,7 +729,7 @@ class ObjectStore:
         causes.extend(
             validation.validate_object_meta(
                 obj, res.namespaced, is_namespace_kind=(res.group == "" and res.plural == "namespaces"),
-                custom_resource=res.from_crd,
+                custom_resource=res.from_crd, name_format="path" if res.group == _RBAC_GROUP else "",
             )
         )
         if validator is not None:
@@ -816,6 +816,9 @@ class ObjectStore:
             raise errors.forbidden(
                 f"unable to create new content in namespace {namespace} because it is being terminated"
             )
+
+
+_RBAC_GROUP = "rbac.authorization.k8s.io"  # object names are path segments (`kubevirt.io:admin`)
 
 
 def _is_service(res: resources.Resource) -> bool:

@@ -31,7 +31,8 @@ def register(server: APIServer) -> None:
 
 def _authorize(req: handlers.SubresourceRequest, verb: str, sub: str) -> None:
     user = req.request.get("vp_user")
-    if user is None or not req.server.authorizer.allowed(user, verb, "", "pods", req.namespace):
+    # kube-apiserver >= 1.31: a websocket exec/portforward (a GET, authorized as `get`) also needs `create`
+    if user is None or not req.server.authorizer.allowed(user, verb, "", f"pods/{sub}", req.namespace):
         name = getattr(user, "name", "system:anonymous")
         raise errors.forbidden(f'pods "{req.name}" is forbidden: User "{name}" cannot {verb} resource "pods/{sub}" '
                                f'in API group "" in the namespace "{req.namespace}"')

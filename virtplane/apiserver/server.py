@@ -35,6 +35,8 @@ from virtplane.apiserver import (
     metrics,
     objects,
     podproxy,
+    rbac,
+    rbac_reviews,
     registry,
     serviceips,
     upload,
@@ -80,7 +82,8 @@ class APIServer:
         self.authenticator = (
             auth.TokenAuthenticator.from_file(config.token_file) if config.token_file else auth.TokenAuthenticator({})
         )
-        self.authorizer = auth.Authorizer()
+        self.authorizer = rbac.RBACAuthorizer()
+        self.rbac = rbac.PolicyController(self, self.authorizer)
         self.resource_handler = handlers.ResourceHandler(self)
         self._subresources: dict[tuple[str, str, str], handlers.SubresourceHandler] = {}
         self._routes: list[tuple[str, str, Any]] = []  # extra endpoints other components plug in
@@ -103,6 +106,7 @@ class APIServer:
         eviction.register(self)
         web_console.register(self)
         podproxy.register(self)
+        rbac_reviews.register(self)
 
     # --------------------------------------------------------------- plug-ins
 
@@ -189,6 +193,7 @@ class APIServer:
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
+        await self.rbac.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.store.close()
@@ -219,6 +224,8 @@ class APIServer:
         for st in page.items:
             await self._serve_crd(crd_res, st.obj)
         await kubevirt.ensure_proxy_secret(self)
+        await self.rbac.start()
+        await rbac_reviews.signing_key(self)  # before any `virtplane user add` reads it
         self._tasks.append(asyncio.create_task(self._watch_crds(crd_res, page.revision)))
 
     def _endpoint_address(self) -> str:
@@ -379,12 +386,19 @@ class APIServer:
             else:
                 user = self.authenticator.authenticate(authorization)
                 if user is None:
-                    user = await self._bootstrap_user(authorization)
+                    user = await self._bootstrap_user(authorization) or \
+                        await rbac_reviews.token_user(self, authorization)
                 if user is None:
                     raise errors.StatusError(401, "Unauthorized")
+                if "Impersonate-User" in request.headers or "Impersonate-Group" in request.headers:
+                    user = rbac.impersonate(self.authorizer, user, request.headers)
                 request["vp_user"] = user
+                if auth.SUPERUSER_GROUPS.isdisjoint(user.groups):  # RBAC: everyone but masters/components
+                    rbac.check_request(self.authorizer, user, request.method, request.path, request.query)
             resp = await handler(request)
             code = resp.status
+            if request.method in rbac.WRITE_METHODS and code < 300 and request.get("vp_group") == rbac.GROUP:
+                await self.rbac.refresh()  # the RBAC change is in force when the client hears back
             return resp
         except errors.StatusError as exc:
             code = exc.code

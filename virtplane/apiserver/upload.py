@@ -77,7 +77,7 @@ async def token_key(server: APIServer) -> bytes:
 
 
 async def _api(server: APIServer, request: web.Request) -> web.StreamResponse:
-    user = server.authenticator.authenticate(request.headers.get("Authorization"))
+    user = request.get("vp_user")  # authenticated (any kind of token) and authorized by the server's middleware
     if user is None:
         raise errors.StatusError(401, "Unauthorized")
     path = request.path.rstrip("/")

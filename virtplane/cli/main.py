@@ -15,7 +15,7 @@ from typing import Any
 
 import virtplane
 from virtplane.apiserver import auth, pki, server, serviceips
-from virtplane.cli import demo, instancetypes, join, nodes
+from virtplane.cli import demo, instancetypes, join, nodes, users
 from virtplane.client import rest
 from virtplane.controllers import manager
 from virtplane.hypervisor import cgroups
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ctl.add_argument("--log-level", default="info")
     add_node_parser(sub)
     join.add_token_parser(sub)
+    users.add_user_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_with_diagnostics(run_node(args)))
         if args.command == "token":
             return asyncio.run(join.token_create(args))
+        if args.command == "user":
+            return asyncio.run(users.user_add(args))
     except KeyboardInterrupt:
         return 130
     except join.JoinError as exc:

@@ -30,6 +30,15 @@ def test_names_scopes_and_subresources(by_kind: dict[str, resources.Resource]) -
         "Deployment": ("apps", "deployments", ("deploy",), True), "ReplicaSet": ("apps", "replicasets", ("rs",), True),
         "ControllerRevision": ("apps", "controllerrevisions", (), True),
         "EndpointSlice": ("discovery.k8s.io", "endpointslices", (), True),
+        "Role": ("rbac.authorization.k8s.io", "roles", (), True),
+        "ClusterRole": ("rbac.authorization.k8s.io", "clusterroles", (), False),
+        "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings", (), True),
+        "ClusterRoleBinding": ("rbac.authorization.k8s.io", "clusterrolebindings", (), False),
+        "SelfSubjectAccessReview": ("authorization.k8s.io", "selfsubjectaccessreviews", (), False),
+        "SelfSubjectRulesReview": ("authorization.k8s.io", "selfsubjectrulesreviews", (), False),
+        "SubjectAccessReview": ("authorization.k8s.io", "subjectaccessreviews", (), False),
+        "LocalSubjectAccessReview": ("authorization.k8s.io", "localsubjectaccessreviews", (), True),
+        "SelfSubjectReview": ("authentication.k8s.io", "selfsubjectreviews", (), False),
     }
     assert {k: (r.group, r.plural, r.short_names, r.namespaced) for k, r in by_kind.items()} == expect
     assert {k for k, r in by_kind.items() if "all" in r.categories} == {"Pod", "Service", "Deployment", "ReplicaSet"}
