@@ -3,10 +3,9 @@ the source namespace (cdi.kubevirt.io), checked for the user who creates the Dat
 `dataVolumeTemplates` clone (virt-api checks those for the VM's creator, since the DataVolumes themselves are
 then created by the VM controller, which may do anything).
 
-The decision is the API server's `Authorizer` (virtplane.apiserver.auth): today it allows every authenticated
-user, so the check passes for all of them; with RBAC it becomes CDI's rule without touching this module.
-Same-namespace clones need no extra permission (the user can already read that PVC's namespace), as in CDI.
-Only POST creates are checked (kubectl create/apply); a server-side-apply create is not yet.
+The decision is the API server's RBAC authorizer (virtplane.apiserver.rbac; CDI's view/edit/admin roles grant
+`datavolumes/source`). Same-namespace clones need no extra permission (the user can already read that PVC's
+namespace), as in CDI. Creates are checked (POST, and a server-side apply that creates); updates are not.
 """
 
 from __future__ import annotations

@@ -260,6 +260,9 @@ class ResourceHandler:
         opts = write_options(request, request["vp_user"])
         if ptype == "apply" and not request.query.get("fieldManager"):
             raise errors.bad_request("PATCH, application/apply-patch+yaml requires fieldManager to be set")
+        if ptype == "apply" and isinstance(body, dict) and self.server.creates_checked(res) \
+                and await self.server.objects.try_get(res, ns, name) is None:
+            await self.server.check_create(res, ns, body, request["vp_user"])  # a server-side-apply create
         result = await self.server.objects.patch(
             res, ns, name, ptype, body, opts, subresource=sub, force=bool_param(request, "force")
         )

@@ -267,10 +267,12 @@ class RBACAuthorizer(auth.Authorizer):
     def __init__(self) -> None:
         self.index = PolicyIndex()
         self._decisions: dict[tuple[str, tuple[str, ...], auth.Attributes], bool] = {}
+        self.requests: dict[tuple[Any, ...], bool] = {}  # allowed requests, by user and URL (check_request)
 
     def set_index(self, index: PolicyIndex) -> None:
         self.index = index
         self._decisions = {}
+        self.requests = {}
 
     def authorize(self, user: auth.User, attrs: auth.Attributes) -> bool:
         if not auth.SUPERUSER_GROUPS.isdisjoint(user.groups):
@@ -339,10 +341,19 @@ def impersonate(authorizer: auth.Authorizer, user: auth.User, headers: Any) -> a
 
 def check_request(authorizer: auth.Authorizer, user: auth.User, method: str, path: str,
                   query: Mapping[str, str]) -> None:
-    """Raises the 403 when `user` may not make this request (the caller has let superusers through)."""
+    """Raises the 403 when `user` may not make this request (the caller has let superusers through).
+    With the RBAC authorizer an allowed request seen before costs one dict lookup (no URL parsing)."""
+    cache = authorizer.requests if isinstance(authorizer, RBACAuthorizer) else None
+    key = (user.name, user.groups, method, path, query.get("watch"), query.get("fieldSelector"))
+    if cache is not None and key in cache:
+        return
     attrs = request_attributes(method, path, query)
     if not authorizer.authorize(user, attrs):
         raise forbidden(user, attrs)
+    if cache is not None:
+        if len(cache) >= _DECISION_CACHE_SIZE:
+            cache.clear()
+        cache[key] = True
 
 
 # --------------------------------------------------------------------------------------------------

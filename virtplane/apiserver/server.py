@@ -119,6 +119,9 @@ class APIServer:
         it raises a StatusError to refuse (e.g. CDI's clone authorization in another namespace)."""
         self._create_checks.setdefault((group, plural), []).append(check)
 
+    def creates_checked(self, res: resources.Resource) -> bool:
+        return (res.group, res.plural) in self._create_checks
+
     async def check_create(self, res: resources.Resource, ns: str | None, body: JSON, user: auth.User) -> None:
         for check in self._create_checks.get((res.group, res.plural), ()):
             await check(self, user, ns, body)

@@ -192,6 +192,8 @@ def test_cross_namespace_clone_needs_datavolumes_source(api: Cluster) -> None:
                    "storage": {"resources": {"requests": {"storage": "64Mi"}}}}}
     err = forbidden(carol.kubectl("create", "-n", "ns2", "-f", "-", input=json.dumps(dv)))
     assert "User carol has insufficient permissions in clone source namespace golden" in err
+    err = forbidden(carol.kubectl("apply", "--server-side", "-n", "ns2", "-f", "-", input=json.dumps(dv)))
+    assert "insufficient permissions in clone source namespace golden" in err
     # the same in a VM's dataVolumeTemplates
     vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "cloned"},
           "spec": {"runStrategy": "Halted",
