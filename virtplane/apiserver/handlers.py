@@ -147,7 +147,8 @@ def write_options(request: web.Request, user: auth.User) -> objects.WriteOptions
         )
     manager = request.query.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
     return objects.WriteOptions(dry_run=bool(dry_run), field_manager=manager[:128], field_validation=fv,
-                                user=user.name, privileged=auth.is_component(user))
+                                user=user.name, privileged=auth.is_component(user),
+                                check=request.get("vp_write_check"))
 
 
 def warning_headers(warnings: list[str]) -> dict[str, str]:

@@ -105,6 +105,8 @@ class WriteOptions:
     field_validation: str = "Warn"  # Strict | Warn | Ignore
     user: str = ""
     privileged: bool = False  # a virtplane component, not a user (see auth.COMPONENTS_GROUP)
+    # a last check of the object about to be written, with the user in it (RBAC's escalation check)
+    check: Callable[[resources.Resource, JSON, JSON | None], None] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -740,6 +742,8 @@ class ObjectStore:
         if causes:
             name = (obj.get("metadata") or {}).get("name") or (obj.get("metadata") or {}).get("generateName", "")
             raise errors.invalid(res, res.kind, name, causes)
+        if opts.check is not None:
+            opts.check(res, obj, old)
         return warnings
 
     def _record_manager(

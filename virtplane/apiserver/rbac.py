@@ -210,6 +210,7 @@ class PolicyIndex:
                  role_bindings: Mapping[tuple[str, str], JSON] | None = None,
                  cluster_role_bindings: Mapping[str, JSON] | None = None) -> None:
         roles, cluster_roles = roles or {}, cluster_roles or {}
+        self.roles = roles
         self.cluster_role_rules = aggregate(cluster_roles)
         compiled: dict[tuple[str, str, str], list[Rule]] = {}
 
@@ -354,6 +355,90 @@ def check_request(authorizer: auth.Authorizer, user: auth.User, method: str, pat
         if len(cache) >= _DECISION_CACHE_SIZE:
             cache.clear()
         cache[key] = True
+
+
+def authorize_request(authorizer: auth.Authorizer, user: auth.User, request: Any) -> None:
+    """The middleware's check for a user who is no superuser; a write of an RBAC object also gets the
+    escalation check, run on the object about to be stored (objects.WriteOptions.check)."""
+    check_request(authorizer, user, request.method, request.path, request.query)
+    if request.method in WRITE_METHODS and isinstance(authorizer, RBACAuthorizer) and f"/{GROUP}/" in request.path:
+        request["vp_write_check"] = EscalationCheck(authorizer, user)
+
+
+def _breakdown(rule: JSON, namespace: str) -> Iterable[auth.Attributes]:
+    """One request per verb x group x resource x name (or URL) a rule grants."""
+    verbs = _strings(rule.get("verbs"))
+    urls = _strings(rule.get("nonResourceURLs"))
+    if urls:
+        for verb in verbs:
+            for url in urls:
+                yield auth.Attributes(verb, False, path=url)
+        return
+    for verb in verbs:
+        for group in _strings(rule.get("apiGroups")):
+            for combined in _strings(rule.get("resources")):
+                resource, _, sub = combined.partition("/")
+                for name in _strings(rule.get("resourceNames")) or ("",):
+                    yield auth.Attributes(verb, True, group, resource, sub, namespace, name)
+
+
+class EscalationCheck:
+    """Kubernetes' privilege-escalation prevention: a user may write a Role/ClusterRole only with rules it
+    holds itself (in that namespace; cluster-wide for a ClusterRole) or the `escalate` verb, and a binding
+    only to a role whose rules it holds or with the `bind` verb on that role. An aggregated ClusterRole needs
+    `escalate`."""
+
+    def __init__(self, authorizer: RBACAuthorizer, user: auth.User) -> None:
+        self.authorizer = authorizer
+        self.user = user
+
+    def _may(self, verb: str, plural: str, namespace: str, name: str) -> bool:
+        return self.authorizer.authorize(self.user, auth.Attributes(verb, True, GROUP, plural, "", namespace, name))
+
+    def _missing(self, rules: Iterable[Any], namespace: str) -> list[JSON]:
+        return [r for r in rules if isinstance(r, dict)
+                and not all(self.authorizer.authorize(self.user, a) for a in _breakdown(r, namespace))]
+
+    def _refuse(self, res: resources.Resource, name: str, missing: list[JSON]) -> errors.StatusError:
+        groups = " ".join(f'"{g}"' for g in self.user.groups)
+        held = "\n".join(orjson.dumps(r, option=orjson.OPT_SORT_KEYS).decode() for r in missing)
+        return errors.StatusError(
+            403, f'{res.plural}.{GROUP} "{name}" is forbidden: user "{self.user.name}" (groups=[{groups}]) is '
+                 f"attempting to grant RBAC permissions not currently held:\n{held}",
+            reason="Forbidden", details={"group": GROUP, "kind": res.plural, "name": name})
+
+    def __call__(self, res: resources.Resource, obj: JSON, old: JSON | None) -> None:
+        if res.group != GROUP:
+            return
+        meta = obj.get("metadata") or {}
+        ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        if res.plural in ("roles", "clusterroles"):
+            if self._may("escalate", res.plural, ns, name):
+                return
+            if isinstance(obj.get("aggregationRule"), dict):
+                raise errors.StatusError(403, f'{res.plural}.{GROUP} "{name}" is forbidden: must have cluster-admin '
+                                         "privileges to write aggregated cluster roles", reason="Forbidden")
+            missing = self._missing(obj.get("rules") or [], ns)
+            if missing:
+                raise self._refuse(res, name, missing)
+            return
+        ref = obj.get("roleRef") or {}
+        kind, role = ref.get("kind"), str(ref.get("name") or "")
+        plural = "clusterroles" if kind == "ClusterRole" else "roles"
+        if self._may("bind", plural, ns, role):
+            return
+        index = self.authorizer.index
+        if kind == "ClusterRole":
+            rules = index.cluster_role_rules.get(role)
+        else:
+            found = index.roles.get((ns, role))
+            rules = None if found is None else found.get("rules") or []
+        if rules is None:
+            raise errors.StatusError(404, f'{plural}.{GROUP} "{role}" not found', reason="NotFound",
+                                     details={"group": GROUP, "kind": plural, "name": role})
+        missing = self._missing(rules, ns)
+        if missing:
+            raise self._refuse(res, name, missing)
 
 
 # --------------------------------------------------------------------------------------------------

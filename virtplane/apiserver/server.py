@@ -397,7 +397,7 @@ class APIServer:
                     user = rbac.impersonate(self.authorizer, user, request.headers)
                 request["vp_user"] = user
                 if auth.SUPERUSER_GROUPS.isdisjoint(user.groups):  # RBAC: everyone but masters/components
-                    rbac.check_request(self.authorizer, user, request.method, request.path, request.query)
+                    rbac.authorize_request(self.authorizer, user, request)
             resp = await handler(request)
             code = resp.status
             if request.method in rbac.WRITE_METHODS and code < 300 and request.get("vp_group") == rbac.GROUP:

@@ -245,6 +245,27 @@ def test_vm_actions_and_consoles_need_their_subresources(api: Cluster) -> None:
     assert strategy == "Always"
 
 
+def test_namespace_admin_cannot_grant_more_than_it_holds(api: Cluster) -> None:
+    erin = add_user(api, "erin")
+    api.kubectl("create", "rolebinding", "erin-admin", "--clusterrole=admin", "--user=erin", "-n", "ns2")
+    got = erin.kubectl("create", "rolebinding", "frank-edit", "--clusterrole=edit", "--user=frank", "-n", "ns2")
+    assert got.returncode == 0, got.stderr
+    err = forbidden(erin.kubectl("create", "rolebinding", "frank-root", "--clusterrole=cluster-admin",
+                                 "--user=frank", "-n", "ns2"))
+    assert ('rolebindings.rbac.authorization.k8s.io "frank-root" is forbidden: user "erin" (groups=["system:'
+            'authenticated"]) is attempting to grant RBAC permissions not currently held') in err
+    err = forbidden(erin.kubectl("create", "role", "everything", "--verb=*", "--resource=*.*", "-n", "ns2"))
+    assert "attempting to grant RBAC permissions not currently held" in err
+    got = erin.kubectl("create", "role", "vm-reader", "--verb=get,list", "--resource=virtualmachines", "-n", "ns2")
+    assert got.returncode == 0, got.stderr
+    forbidden(erin.kubectl("create", "rolebinding", "frank-ns1", "--clusterrole=view", "--user=frank", "-n", "ns1"))
+    # widening a role by a patch is checked too
+    err = forbidden(erin.kubectl("patch", "role", "vm-reader", "-n", "ns2", "--type=json", "-p",
+                                 '[{"op":"add","path":"/rules/-","value":{"apiGroups":[""],"resources":["nodes"],'
+                                 '"verbs":["get"]}}]'))
+    assert "not currently held" in err
+
+
 def test_rbac_objects_are_validated(api: Cluster) -> None:
     bad = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "bad"},
            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},

@@ -5,6 +5,7 @@ the signed tokens."""
 from __future__ import annotations
 
 import time
+import types
 from typing import Any
 
 import pytest
@@ -226,3 +227,42 @@ def test_signed_tokens() -> None:
     assert person is not None
     user, sa = auth.user_from_claims(person)
     assert sa is None and user.name == "alice" and user.groups == ("devs", auth.AUTHENTICATED)
+
+
+def test_escalation_check() -> None:
+    defaults = {o["metadata"]["name"]: o for o in rbac_policy.default_objects() if o["kind"] == "ClusterRole"}
+    rbs = {("ns1", "erin-admin"): {"roleRef": {"kind": "ClusterRole", "name": "admin"},
+                                   "subjects": [{"kind": "User", "name": "erin"}]}}
+    roles = {("ns1", "small"): {"rules": [rbac_policy.rule([""], ["pods"], ["get"])]}}
+    az = rbac.RBACAuthorizer()
+    az.set_index(rbac.PolicyIndex(roles, defaults, rbs, {}))
+    check = rbac.EscalationCheck(az, auth.authenticated("erin"))
+    res = {p: types.SimpleNamespace(group=rbac.GROUP, plural=p) for p in rbac.KINDS}
+
+    def binding(kind: str, role: str, ns: str = "ns1") -> dict[str, Any]:
+        return {"metadata": {"name": "b", "namespace": ns}, "roleRef": {"kind": kind, "name": role}}
+
+    check(res["rolebindings"], binding("ClusterRole", "edit"), None)  # admin holds all of edit
+    check(res["rolebindings"], binding("Role", "small"), None)
+    with pytest.raises(errors.StatusError) as exc:
+        check(res["rolebindings"], binding("ClusterRole", "cluster-admin"), None)
+    assert exc.value.code == 403 and "attempting to grant RBAC permissions not currently held" in exc.value.message
+    with pytest.raises(errors.StatusError) as exc:
+        check(res["rolebindings"], binding("ClusterRole", "edit", "ns2"), None)  # nothing held in ns2
+    with pytest.raises(errors.StatusError) as exc:
+        check(res["rolebindings"], binding("ClusterRole", "no-such-role"), None)
+    assert exc.value.code == 404
+    role = {"metadata": {"name": "r", "namespace": "ns1"}, "rules": [rbac_policy.rule(["kubevirt.io"],
+                                                                                       ["virtualmachines"], ["get"])]}
+    check(res["roles"], role, None)
+    role["rules"].append(rbac_policy.rule(["*"], ["*"], ["*"]))
+    with pytest.raises(errors.StatusError) as exc:
+        check(res["roles"], role, None)
+    assert '{"apiGroups":["*"],"resources":["*"],"verbs":["*"]}' in exc.value.message
+    # `bind` on a role lets one bind it without holding it
+    rbs[("ns1", "erin-bind")] = {"roleRef": {"kind": "Role", "name": "binder"},
+                                 "subjects": [{"kind": "User", "name": "erin"}]}
+    roles[("ns1", "binder")] = {"rules": [{**rbac_policy.rule([rbac.GROUP], ["clusterroles"], ["bind"]),
+                                           "resourceNames": ["cluster-admin"]}]}
+    az.set_index(rbac.PolicyIndex(roles, defaults, rbs, {}))
+    check(res["rolebindings"], binding("ClusterRole", "cluster-admin"), None)
