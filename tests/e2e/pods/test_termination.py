@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from virtplane.api import quantity
 from virtplane.testing.waiting import wait_for
 
 from .conftest import PodEnv, ready
@@ -128,3 +129,38 @@ spec:
     assert not env.pod("nowhere")["spec"].get("nodeName")
     env.kubectl("delete", "pod", "nowhere", "--wait=false")
     assert _gone(env, "nowhere")
+
+
+def test_a_terminating_pod_holds_its_requests_until_it_is_gone(env: PodEnv) -> None:
+    """The scheduler counts a Terminating pod's requests (its containers still run) until the node removes it."""
+    wait_for(lambda: env.kubectl("get", "node", "virtplane-node-1", check=False).returncode == 0, 60,
+             what="the node registered")  # fmt: skip
+    node = json.loads(env.kubectl("get", "node", "virtplane-node-1", "-o", "json").stdout)
+    share = quantity.parse_quantity(node["status"]["allocatable"]["memory"]) * 6 // 10  # 60%: two never fit
+    manifest = """
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  terminationGracePeriodSeconds: {grace}
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"]
+    resources: {{requests: {{memory: "{mem}"}}}}
+"""
+    env.apply(manifest.format(name="bigold", grace=6, image=env.image, mem=int(share)))
+    env.wait_pod("bigold", ready, what="Ready")
+    env.kubectl("delete", "pod", "bigold", "--wait=false")
+    env.apply(manifest.format(name="bignew", grace=1, image=env.image, mem=int(share)))
+
+    def unschedulable(p: dict) -> bool:
+        conds = {c["type"]: c for c in (p.get("status") or {}).get("conditions") or []}
+        return conds.get("PodScheduled", {}).get("reason") == "Unschedulable"
+
+    pod = env.wait_pod("bignew", unschedulable, timeout=30, what="Unschedulable while the old pod terminates")
+    assert any("Insufficient memory" in c.get("message", "") for c in pod["status"]["conditions"]), pod["status"]
+    assert env.pod("bigold")["metadata"].get("deletionTimestamp")  # still there, Terminating
+    env.wait_pod("bignew", ready, timeout=60, what="scheduled and Ready once the old pod is gone")
+    assert _gone(env, "bigold")
+    env.kubectl("delete", "pod", "bignew", "--wait=true")

@@ -72,6 +72,18 @@ def test_usage_counts_bound_non_terminal_pods_only() -> None:
     assert usage["n2"].requested["memory"] == 2 * GI and set(usage) == {"n1", "n2"}
 
 
+def test_terminating_pods_count_until_they_are_gone() -> None:
+    """As kube-scheduler: a pod with a deletionTimestamp still holds its requests on its node (its containers
+    are stopping there) until the node agent removes it; a finished one holds nothing."""
+    terminating = pod("t", memory="3Gi", node_name="n1", phase="Running")
+    terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    usage = s.usage_by_node([terminating])
+    assert usage["n1"].requested["memory"] == 3 * GI
+    n = node("n1", memory="4Gi")
+    assert reasons(pod(memory="2Gi"), n, usage["n1"]) == ["Insufficient memory"]
+    assert reasons(pod(memory="2Gi"), n, s.usage_by_node([])) == []
+
+
 # ------------------------------------------------------------------------------------------- filters
 
 
