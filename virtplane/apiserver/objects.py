@@ -22,7 +22,7 @@ import orjson
 from virtplane import hypervisor
 from virtplane.api import admission, clock, patch, resources, validation
 from virtplane.api import apply as ssa
-from virtplane.apiserver import errors, podgrace, registry, selectors, serviceips
+from virtplane.apiserver import errors, nslifecycle, podgrace, registry, selectors, serviceips
 from virtplane.controllers import vmi as vmi_ctrl
 from virtplane.store import interface as store_api
 
@@ -159,6 +159,11 @@ class ObjectStore:
         self.service_ips = serviceips.Allocator(store, service_network or serviceips.ServiceNetwork())
         self._recent: dict[tuple[str, int], Stored] = {}  # insertion-ordered: oldest first
         self._merge_keys_cache: dict[int, tuple[resources.Resource, patch.MergeKeys]] = {}
+        ns_res = reg.lookup(*NAMESPACES)
+        assert ns_res is not None
+        self._ns_res = ns_res
+        # kept current by `namespaces.run()`, a task the API server starts; without it every check reads the store
+        self.namespaces = nslifecycle.NamespaceStates(store, ns_res.namespace_prefix(None))
 
     async def get_stored(self, res: resources.Resource, namespace: str | None, name: str) -> Stored:
         kv = await self.store.get(res.key(namespace, name))
@@ -266,6 +271,7 @@ class ObjectStore:
             reserved = await self.service_ips.allocate(res, obj, None)
         try:
             kv = await self.store.create(res.key(namespace, name), encode(obj))
+            self.namespaces.written(kv)
         except store_api.KeyExistsError as exc:
             await self.service_ips.release_keys(reserved)
             raise errors.already_exists(res, name) from exc
@@ -463,7 +469,7 @@ class ObjectStore:
             res, new
         ):
             try:
-                await self.store.delete(key, expected_revision=kv.mod_revision)
+                self.namespaces.written(await self.store.delete(key, expected_revision=kv.mod_revision))
             except store_api.ConflictError as exc:
                 raise errors.conflict(res, meta["name"]) from exc
             if _is_service(res):
@@ -472,6 +478,7 @@ class ObjectStore:
         reserved = await self.service_ips.allocate(res, new, old) if service else []
         try:
             nkv = await self.store.update(key, encode(new), expected_revision=kv.mod_revision)
+            self.namespaces.written(nkv)
         except store_api.ConflictError as exc:
             await self.service_ips.release_keys(reserved)
             raise errors.conflict(res, meta["name"]) from exc
@@ -531,6 +538,7 @@ class ObjectStore:
                     return pending, False
                 try:
                     nkv = await self.store.update(key, encode(pending), expected_revision=kv.mod_revision)
+                    self.namespaces.written(nkv)
                 except store_api.ConflictError:
                     continue
                 pending["metadata"]["resourceVersion"] = str(nkv.mod_revision)
@@ -555,6 +563,7 @@ class ObjectStore:
                     return new, False
                 try:
                     nkv = await self.store.update(key, encode(new), expected_revision=kv.mod_revision)
+                    self.namespaces.written(nkv)
                 except store_api.ConflictError:
                     continue
                 nmeta["resourceVersion"] = str(nkv.mod_revision)
@@ -562,7 +571,7 @@ class ObjectStore:
             if opts.dry_run:
                 return obj, True
             try:
-                await self.store.delete(key, expected_revision=kv.mod_revision)
+                self.namespaces.written(await self.store.delete(key, expected_revision=kv.mod_revision))
             except store_api.ConflictError:
                 continue
             except store_api.KeyNotFoundError as exc:
@@ -809,14 +818,17 @@ class ObjectStore:
         return len(page.items) == 1
 
     async def _check_namespace_open(self, namespace: str) -> None:
-        ns_res = self.registry.lookup(*NAMESPACES)
-        assert ns_res is not None
-        kv = await self.store.get(ns_res.key(None, namespace))
-        if kv is None:
+        key = self._ns_res.key(None, namespace)
+        state = self.namespaces.lookup(key)
+        if state is None:
+            kv = await self.store.get(key)
+            self.namespaces.remember(kv)
+            state = nslifecycle.GONE if kv is None else nslifecycle.namespace_state(kv)
+        if state == nslifecycle.GONE:
             raise errors.StatusError(
                 404, f'namespaces "{namespace}" not found', details={"name": namespace, "kind": "namespaces"}
             )
-        if b'"deletionTimestamp"' in kv.value and decode(kv)["metadata"].get("deletionTimestamp"):
+        if state == nslifecycle.TERMINATING:
             raise errors.forbidden(
                 f"unable to create new content in namespace {namespace} because it is being terminated"
             )

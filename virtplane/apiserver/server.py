@@ -166,6 +166,7 @@ class APIServer:
     async def start(self) -> None:
         await self.store.start()
         await self._bootstrap()
+        self._tasks.append(asyncio.create_task(self.objects.namespaces.run(), name="namespace states"))
         app = self.build_app()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
