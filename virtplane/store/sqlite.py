@@ -31,6 +31,14 @@ One process owns the file: start() takes an exclusive flock on ``<path>.lock`` (
 the kernel when the process dies), so a second virtplane on the same file fails fast instead of
 forking the revision counter. ``sqlite3 state.db`` can still read the file while it runs.
 
+Group commit: writes that arrive in the same turn of the event loop share one transaction. Each runs its
+statements at once (so key existence and compare-and-swap see the writes before it) and all commit together when
+the turn ends. A commit and its WAL frames are most of a write's cost (measured with checkpointing: 49 us a
+write alone, 31 in fours, 28 in eights). Nothing uncommitted is ever seen: every read, and every other
+transaction, commits the open batch first; a writer returns, and watches hear of its write, only after the
+COMMIT. If the COMMIT fails (or a statement, for a reason other than the write's own precondition), the whole
+batch is rolled back and every writer in it gets the error.
+
 Durability: WAL with ``synchronous=NORMAL``. A commit returns once its frames are written to
 the WAL file, i.e. they are in the kernel's page cache, which survives the process being
 killed (kill -9, OOM, a crash): an acknowledged write is never lost to a process death. It is
@@ -211,7 +219,10 @@ class SqliteStore(interface.Store):
         self._checkpointed = asyncio.Event()  # pulsed by the checkpointer after each round
         self._checkpoint_now = asyncio.Event()  # writers are waiting: skip CHECKPOINT_DELAY
         self._closed = False
-        self._revision = 0
+        self._revision = 0  # the last committed revision
+        self._assigned = 0  # the last revision handed to a write (beyond _revision while a batch is open)
+        # The open batch (group commit): its writes' events and their writers' futures, in revision order.
+        self._batch: builtins.list[tuple[interface.WatchEvent, asyncio.Future[None]]] | None = None
         self._compact_revision = 0
         # prefix -> its watches: a write tests each distinct prefix once, whatever the number of
         # watches on it (the API server's watch cache puts hundreds on one prefix).
@@ -288,7 +299,7 @@ class SqliteStore(interface.Store):
         self._compact_revision = compact_revision
         # Compacting to the newest revision leaves the log empty; the persisted compact
         # revision then still holds the counter, so revisions never go backwards.
-        self._revision = max(last_logged, compact_revision)
+        self._revision = self._assigned = max(last_logged, compact_revision)
         if self.policy.enabled:
             self._compactor = asyncio.create_task(self._auto_compact(), name=f"compactor {self.path}")
         logger.debug("opened %s at revision %d (compacted %d)", self.path, self._revision, compact_revision)
@@ -305,6 +316,8 @@ class SqliteStore(interface.Store):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._compactor = self._checkpointer = None
+        if self._conn is not None:
+            self._commit_batch()
         # Writers waiting at _write_gate go on, to find the store closed.
         self._writable.set()
         self._checkpointed.set()
@@ -375,6 +388,7 @@ class SqliteStore(interface.Store):
         """
         conn = self._connection()
         assert self._writable.is_set(), "a write did not wait at _write_gate"
+        self._commit_batch()
         try:
             conn.execute("BEGIN")
             try:
@@ -393,10 +407,69 @@ class SqliteStore(interface.Store):
         # Every read is fetched whole (fetchone/fetchall) before the next await: an open cursor
         # held across an await would see a stale snapshot and pin the WAL against checkpoints.
         conn = self._connection()
+        if self._batch is not None:
+            self._commit_batch()  # a read sees committed writes only
         try:
             yield conn
         except sqlite3.Error as exc:
             raise interface.StoreError(f"{self.path!r}: {exc}") from exc
+
+    # -- group commit (see the module docstring) ---------------------------------------------
+
+    def _batch_connection(self) -> sqlite3.Connection:
+        """The connection inside the open batch, opened (with its commit scheduled) if there is none."""
+        conn = self._connection()
+        assert self._writable.is_set(), "a write did not wait at _write_gate"
+        if self._batch is None:
+            try:
+                conn.execute("BEGIN")
+            except sqlite3.Error as exc:
+                raise interface.StoreError(f"{self.path!r}: {exc}") from exc
+            self._batch = []
+            asyncio.get_running_loop().call_soon(self._commit_batch)
+        return conn
+
+    async def _batched(self, event: interface.WatchEvent) -> None:
+        """Waits until the write behind `event` (its statements run) is committed; raises if its batch failed."""
+        assert self._batch is not None
+        self._assigned = event.revision
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.append((event, done))
+        await done
+
+    def _commit_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        try:
+            self._connection().execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._fail_batch(batch, exc)
+            return
+        for event, done in batch:
+            self._committed(event)
+            if not done.done():
+                done.set_result(None)
+
+    def _abort_batch(self, exc: sqlite3.Error) -> interface.StoreError:
+        """A statement failed for a reason of the store's (I/O, disk full): SQLite may have rolled back the whole
+        transaction, so every write in the batch fails. Returns the error for the write that hit it."""
+        batch, self._batch = self._batch, None
+        self._fail_batch(batch or [], exc)
+        return interface.StoreError(f"{self.path!r}: {exc}")
+
+    def _fail_batch(self, batch: builtins.list[tuple[interface.WatchEvent, asyncio.Future[None]]],
+                    exc: sqlite3.Error) -> None:  # fmt: skip
+        conn = self._connection()
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        self._assigned = self._revision
+        for _, done in batch:
+            if not done.done():
+                error = interface.StoreError(f"{self.path!r}: {exc}")
+                error.__cause__ = exc
+                done.set_exception(error)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -443,47 +516,56 @@ class SqliteStore(interface.Store):
     async def create(self, key: str, value: bytes) -> interface.KeyValue:
         key, value = _check(key, value)
         await self._write_gate()
-        revision = self._revision + 1
-        with self._transaction() as conn:
-            try:
-                # The primary key is the existence check: no SELECT needed on the hot path.
-                conn.execute(
-                    "INSERT INTO current (key, value, create_revision, mod_revision) VALUES (?, ?, ?, ?)",
-                    (key, value, revision, revision),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise interface.KeyExistsError(key) from exc
+        conn = self._batch_connection()
+        revision = self._assigned + 1
+        try:
+            # The primary key is the existence check: no SELECT needed on the hot path.
+            conn.execute(
+                "INSERT INTO current (key, value, create_revision, mod_revision) VALUES (?, ?, ?, ?)",
+                (key, value, revision, revision),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise interface.KeyExistsError(key) from exc
+        except sqlite3.Error as exc:
+            raise self._abort_batch(exc) from exc
+        try:
             conn.execute(
                 "INSERT INTO log (revision, key, value, create_revision, prev_revision, deleted) "
                 "VALUES (?, ?, ?, ?, 0, 0)",
                 (revision, key, value, revision),
             )
+        except sqlite3.Error as exc:
+            raise self._abort_batch(exc) from exc
         kv = interface.KeyValue(key, value, revision, revision)
-        self._committed(interface.WatchEvent(interface.EventType.PUT, kv))
+        await self._batched(interface.WatchEvent(interface.EventType.PUT, kv))
         return kv
 
     async def update(self, key: str, value: bytes, *, expected_revision: int) -> interface.KeyValue:
         key, value = _check(key, value)
         await self._write_gate()
-        revision = self._revision + 1
-        with self._transaction() as conn:
-            prev = self._compare(conn, key, expected_revision)
+        conn = self._batch_connection()
+        revision = self._assigned + 1
+        prev = self._compare(conn, key, expected_revision)
+        try:
             conn.execute("UPDATE current SET value = ?, mod_revision = ? WHERE key = ?", (value, revision, key))
             conn.execute(
                 "INSERT INTO log (revision, key, value, create_revision, prev_revision, deleted) "
                 "VALUES (?, ?, ?, ?, ?, 0)",
                 (revision, key, value, prev.create_revision, prev.mod_revision),
             )
+        except sqlite3.Error as exc:
+            raise self._abort_batch(exc) from exc
         kv = interface.KeyValue(key, value, prev.create_revision, revision)
-        self._committed(interface.WatchEvent(interface.EventType.PUT, kv, prev))
+        await self._batched(interface.WatchEvent(interface.EventType.PUT, kv, prev))
         return kv
 
     async def delete(self, key: str, *, expected_revision: int | None = None) -> interface.KeyValue:
         key = _check_key(key)
         await self._write_gate()
-        revision = self._revision + 1
-        with self._transaction() as conn:
-            prev = self._compare(conn, key, expected_revision)
+        conn = self._batch_connection()
+        revision = self._assigned + 1
+        prev = self._compare(conn, key, expected_revision)
+        try:
             conn.execute("DELETE FROM current WHERE key = ?", (key,))
             # The tombstone keeps the last value: watchers replaying history get it in DELETE.
             conn.execute(
@@ -491,13 +573,19 @@ class SqliteStore(interface.Store):
                 "VALUES (?, ?, ?, ?, ?, 1)",
                 (revision, key, prev.value, prev.create_revision, prev.mod_revision),
             )
+        except sqlite3.Error as exc:
+            raise self._abort_batch(exc) from exc
         kv = interface.KeyValue(key, prev.value, prev.create_revision, revision)
-        self._committed(interface.WatchEvent(interface.EventType.DELETE, kv, prev))
+        await self._batched(interface.WatchEvent(interface.EventType.DELETE, kv, prev))
         return kv
 
-    @staticmethod
-    def _compare(conn: sqlite3.Connection, key: str, expected_revision: int | None) -> interface.KeyValue:
-        row = conn.execute("SELECT value, create_revision, mod_revision FROM current WHERE key = ?", (key,)).fetchone()
+    def _compare(self, conn: sqlite3.Connection, key: str, expected_revision: int | None) -> interface.KeyValue:
+        """The key's current value, inside the open batch (so it sees the batch's earlier writes)."""
+        try:
+            row = conn.execute("SELECT value, create_revision, mod_revision FROM current WHERE key = ?",
+                               (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._abort_batch(exc) from exc
         if row is None:
             raise interface.KeyNotFoundError(key)
         current = interface.KeyValue(key, *row)
@@ -634,6 +722,7 @@ class SqliteStore(interface.Store):
             self._wal_dirty.clear()
             try:
                 await loop.run_in_executor(self._checkpoint_executor, self._checkpoint, "PASSIVE")
+                self._commit_batch()  # writers are held from here on; the RESTART must find no open transaction
                 self._writable.clear()
                 try:
                     if not await loop.run_in_executor(self._checkpoint_executor, self._restart_wal):
