@@ -170,6 +170,8 @@ async def token_user(server: APIServer, authorization: str | None) -> auth.User 
     if claims is None:
         return None
     user, sa = auth.user_from_claims(claims)
+    if auth.is_superuser(user):
+        return None  # a signed token never carries the privileged groups (see `virtplane user add`)
     if sa is not None:
         res = server.registry.lookup("", "v1", "serviceaccounts")
         obj = await server.objects.try_get(res, sa[0], sa[1]) if res is not None else None

@@ -56,6 +56,12 @@ def _seconds(text: str) -> int:
 
 
 async def user_add(args: argparse.Namespace) -> int:
+    privileged = auth.SUPERUSER_GROUPS.intersection(args.group)
+    if privileged:
+        raise SystemExit(f"virtplane user add: {', '.join(sorted(privileged))} cannot be given to a signed token "
+                         "(the API server refuses such tokens); bind the user to cluster-admin instead:\n"
+                         f"  kubectl create clusterrolebinding {args.name}-admin --clusterrole=cluster-admin "
+                         f"--user={args.name}")
     cfg = rest.ClientConfig.from_kubeconfig(args.kubeconfig)
     ns, name = auth.SIGNING_KEY_SECRET
     async with rest.Client(cfg) as client:

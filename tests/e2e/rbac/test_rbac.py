@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import aiohttp
 import pytest
 import yaml
 
+from virtplane.apiserver import auth
 from virtplane.testing.cluster import REPO, Cluster
 
 pytestmark = pytest.mark.e2e
@@ -181,7 +183,7 @@ def test_service_account_token(api: Cluster) -> None:
     # deleting the ServiceAccount revokes its tokens
     api.kubectl("delete", "serviceaccount", "bot", "-n", "ns1")
     gone = bot.kubectl("get", "configmaps", "-n", "ns1")
-    assert gone.returncode != 0 and "Unauthorized" in gone.stderr, gone.stderr
+    assert gone.returncode != 0 and _unauthorized(gone.stderr), gone.stderr
 
 
 def test_cross_namespace_clone_needs_datavolumes_source(api: Cluster) -> None:
@@ -266,6 +268,20 @@ def test_namespace_admin_cannot_grant_more_than_it_holds(api: Cluster) -> None:
     assert "not currently held" in err
 
 
+def test_signed_tokens_never_carry_privileged_groups(api: Cluster) -> None:
+    proc = subprocess.run([sys.executable, "-m", "virtplane.cli.main", "user", "add", "mallory", "--group",
+                           "system:masters", "--kubeconfig", str(api.kubeconfig), "-o", str(api.data_dir / "m.cfg")],
+                          capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert proc.returncode != 0 and "kubectl create clusterrolebinding mallory-admin" in proc.stderr
+    # one forged with the real key (someone who read the Secret) is refused all the same
+    key = base64.b64decode(_get(api, "secret", "-n", "kube-system", "virtplane-token-signing-key")["data"]["key"])
+    token = auth.sign_token(key, auth.user_claims("mallory", ("system:masters",), 600, time.time()))
+    kubeconfig = api.data_dir / "mallory.kubeconfig"
+    kubeconfig.write_text(api.kubeconfig.read_text().replace(api.config()[1], token))
+    got = User(api, kubeconfig).kubectl("get", "namespaces")
+    assert got.returncode != 0 and _unauthorized(got.stderr), got.stderr
+
+
 def test_rbac_objects_are_validated(api: Cluster) -> None:
     bad = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "bad"},
            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
@@ -304,6 +320,11 @@ async def _console_upgrade(api: Cluster, user: User) -> int:
                 return 101
         except aiohttp.WSServerHandshakeError as exc:
             return exc.status
+
+
+def _unauthorized(stderr: str) -> bool:
+    """kubectl's words for a 401 (which depend on whether its discovery cache answered first)."""
+    return "Unauthorized" in stderr or "the server has asked for the client to provide credentials" in stderr
 
 
 def _get(api: Cluster, *args: str) -> Any:
