@@ -130,6 +130,29 @@ async def delete(conflist: JSON, inv: Invocation, search: Sequence[Path] = DEFAU
     return errors
 
 
+async def ipam_delete(conflist: JSON, inv: Invocation, search: Sequence[Path] = DEFAULT_CNI_PATH) -> list[str]:
+    """DEL through the chain's IPAM plugins only (an IPAM plugin is an executable of the same protocol, run as
+    the main plugins run it): releases an address whose interface is long gone. Returns the errors."""
+    errors: list[str] = []
+    for plugin in reversed(conflist["plugins"]):
+        ipam = plugin.get("ipam")
+        if not isinstance(ipam, dict) or not ipam.get("type") or "/" in str(ipam["type"]):
+            continue
+        try:
+            await _exec(find_plugin(str(ipam["type"]), search), "DEL", inv, _plugin_conf(conflist, plugin, None),
+                        search)  # fmt: skip
+        except CNIError as err:
+            errors.append(str(err))
+    return errors
+
+
+def without_ipam(conflist: JSON) -> JSON:
+    """The chain with every plugin's IPAM swapped for `static` (whose DEL releases nothing): a DEL of it
+    removes the interfaces and plugin state but keeps the addresses reserved."""
+    return {**conflist, "plugins": [{**p, "ipam": {"type": "static"}} if isinstance(p.get("ipam"), dict) else p
+                                    for p in conflist["plugins"]]}
+
+
 def result_ipv4(result: Mapping[str, Any], ifname: str = "eth0") -> str | None:
     """The container interface's first IPv4 address (without prefix) from an ADD result (0.4.0 / 1.0.0)."""
     ifaces = result.get("interfaces") or []

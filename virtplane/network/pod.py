@@ -42,6 +42,9 @@ TAP = "tap0"
 GATEWAY = "10.0.2.1"
 GUEST_IP = "10.0.2.2"
 PREFIX = 24
+# routes the node agent adds for pod IPs that moved (a live-migrated VMI keeps its IP): `ip route ... proto 97`,
+# so an agent can tell its own routes from anyone else's, also after a restart
+ROUTE_PROTO = "97"
 
 
 class PodNetworkError(Exception):
@@ -78,8 +81,10 @@ class PodAttachment:
     socket: str | None = None  # the passt binding: the unix socket QEMU connects to
 
 
-def nft_rules(pod_ip: str, ports: Sequence[tuple[str, int]]) -> str:
-    """The masquerade binding's NAT (KubeVirt's virt-launcher rules, in nftables form)."""
+def nft_rules(pod_ip: str, ports: Sequence[tuple[str, int]], *, snat: bool = False) -> str:
+    """The masquerade binding's NAT (KubeVirt's virt-launcher rules, in nftables form). `snat`: the guest's
+    traffic leaves from `pod_ip` explicitly (a migrated VMI's kept IP, beside the netns' own link address)
+    rather than from whatever address the route picks."""
     if ports:
         by_proto: dict[str, list[int]] = {}
         for proto, port in ports:
@@ -89,6 +94,7 @@ def nft_rules(pod_ip: str, ports: Sequence[tuple[str, int]]) -> str:
             f"dnat to {GUEST_IP}" for proto, nums in sorted(by_proto.items()))  # fmt: skip
     else:
         dnat = f'    iifname "{POD_IFNAME}" meta l4proto {{ tcp, udp, sctp }} dnat to {GUEST_IP}'
+    source_nat = f"snat to {pod_ip}" if snat else "masquerade"
     return f"""table ip virtplane_masq {{
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -96,7 +102,7 @@ def nft_rules(pod_ip: str, ports: Sequence[tuple[str, int]]) -> str:
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {GUEST_IP} oifname "{POD_IFNAME}" masquerade
+    ip saddr {GUEST_IP} oifname "{POD_IFNAME}" {source_nat}
   }}
 }}
 """
@@ -165,17 +171,24 @@ class PodNetwork:
             self._ips[uid] = ip
         return self._ips[uid]
 
-    async def setup(self, uid: str, ports: Sequence[tuple[str, int]] = (),
-                    dns_search: Sequence[str] = (), *, binding: str = "masquerade") -> PodAttachment:  # fmt: skip
+    async def setup(self, uid: str, ports: Sequence[tuple[str, int]] = (), dns_search: Sequence[str] = (), *,
+                    binding: str = "masquerade", keep_ip: str | None = None,
+                    container_id: str | None = None) -> PodAttachment:  # fmt: skip
         """Everything or nothing: on any failure what was done is undone (CNI DEL, netns removed). `binding`:
-        masquerade (a tap fd for QEMU) or passt (a socket for QEMU)."""
+        masquerade (a tap fd for QEMU) or passt (a socket for QEMU).
+
+        A live migration's target passes `keep_ip`, the VMI's pod IP on the source: the node's chain still
+        runs (under `container_id`, so its IPAM never confuses this launcher with the VMI's first one) and
+        gives eth0 this node's own *link address*; the kept IP is added beside it as a /32, is what the guest's
+        traffic is SNATed to and what the pod reports. Nothing routes the kept IP here until activate()."""
         try:
             conflist = self.conflist()
         except cni.CNIError as err:
             raise PodNetworkError(f"pod network: {err}") from None
         ns = self.netns_for(uid)
-        inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)), ifname=POD_IFNAME)
-        state: dict[str, Any] = {"uid": uid, "netns": ns, "conflist": conflist}
+        cid = container_id or uid
+        inv = cni.Invocation(container_id=cid, netns=str(netns.path(ns)), ifname=POD_IFNAME)
+        state: dict[str, Any] = {"uid": uid, "netns": ns, "conflist": conflist, "containerID": cid}
         # A leftover of an earlier attempt (agent killed mid-setup) is cleaned first: same uid, same names.
         await self.teardown(uid)
         self._save(uid, state)  # before anything exists, so a crash mid-setup can still be undone
@@ -192,11 +205,18 @@ class PodNetwork:
             state["podIP"] = pod_ip
             state["result"] = result
             self._save(uid, state)
+            if keep_ip and keep_ip != pod_ip and binding != "passt":
+                ipaddress.IPv4Address(keep_ip)  # ValueError: refused below
+                await netns.run_in(ns, ["ip", "addr", "add", f"{keep_ip}/32", "dev", POD_IFNAME])
+                state["linkIP"], state["keptIP"] = pod_ip, keep_ip
+                pod_ip = state["podIP"] = keep_ip
+                self._save(uid, state)
             if binding == "passt":
                 state["passtPid"], sock = await self._start_passt(ns, uid, ports)
                 self._save(uid, state)
             else:
-                state["dnsmasqPid"] = await self._masquerade(ns, uid, pod_ip, ports, dns_search)
+                state["dnsmasqPid"] = await self._masquerade(ns, uid, pod_ip, ports, dns_search,
+                                                             snat="keptIP" in state)  # fmt: skip
                 self._save(uid, state)
                 fd = await asyncio.to_thread(netns.open_tap, ns, TAP)
         except (cni.CNIError, netns.NetnsError, PodNetworkError, OSError, ValueError) as err:
@@ -252,7 +272,7 @@ class PodNetwork:
         return int(pidfile.read_text().strip()), str(sock)
 
     async def _masquerade(self, ns: str, uid: str, pod_ip: str, ports: Sequence[tuple[str, int]],
-                          dns_search: Sequence[str]) -> int:  # fmt: skip
+                          dns_search: Sequence[str], *, snat: bool = False) -> int:  # fmt: skip
         sh = netns.run_in
         await sh(ns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         await sh(ns, ["ip", "link", "add", BRIDGE, "type", "bridge"])
@@ -260,7 +280,7 @@ class PodNetwork:
         await sh(ns, ["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])
         await sh(ns, ["ip", "link", "set", TAP, "master", BRIDGE, "up"])
         await sh(ns, ["ip", "link", "set", BRIDGE, "up"])
-        await sh(ns, ["nft", "-f", "-"], stdin=nft_rules(pod_ip, ports).encode())
+        await sh(ns, ["nft", "-f", "-"], stdin=nft_rules(pod_ip, ports, snat=snat).encode())
         return await self._start_dnsmasq(ns, uid, dns_search)
 
     def dns_dir(self) -> Path:
@@ -392,17 +412,70 @@ class PodNetwork:
         self._save(uid, state)
         return errors
 
-    async def teardown(self, uid: str) -> list[str]:
-        """Stop dnsmasq, CNI DEL (releases the IP), remove the netns. Idempotent; returns the errors."""
+    async def activate(self, uid: str) -> None:
+        """A migration target that took the guest over: the kept IP is routed to this launcher's link address
+        on this node (`ip route replace IP/32 via LINK`), so the node and its pods reach it here. Other nodes
+        learn where it went from the launcher pod (virtplane.node.routes). A no-op without a kept IP."""
+        try:
+            state = json.loads(self._state_file(uid).read_text())
+        except (OSError, ValueError):
+            return
+        if not state.get("keptIP") or state.get("routed"):
+            return
+        await netns.run(["ip", "route", "replace", f"{state['keptIP']}/32", "via", state["linkIP"],
+                         "proto", ROUTE_PROTO])  # fmt: skip
+        state["routed"] = True
+        self._save(uid, state)
+
+    def _kept_file(self, uid: str) -> Path:
+        return self.state_dir / "kept" / f"{uid}.json"
+
+    def kept(self) -> list[dict[str, Any]]:
+        """The addresses this node allocated to VMIs that migrated away (released by release_kept())."""
+        out = []
+        for f in sorted((self.state_dir / "kept").glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                out.append(json.loads(f.read_text()))
+        return out
+
+    async def release_kept(self, uid: str) -> list[str]:
+        """The VMI is gone (or runs here again and is being torn down): its first address goes back to this
+        node's IPAM. Idempotent; returns the errors."""
+        f = self._kept_file(uid)
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return []
+        inv = cni.Invocation(container_id=rec.get("containerID") or uid, netns="", ifname=POD_IFNAME)
+        errors = await cni.ipam_delete(rec["conflist"], inv, self.cni_path)
+        if not errors:
+            f.unlink(missing_ok=True)
+            log.info("released the kept pod IP %s of VMI %s", rec.get("ip"), uid)
+        return errors
+
+    async def teardown(self, uid: str, *, keep_ip: bool = False, owner: Mapping[str, str] | None = None,
+                       release: bool = False) -> list[str]:  # fmt: skip
+        """Stop dnsmasq, CNI DEL (releases the IP), remove the netns. Idempotent; returns the errors.
+
+        `keep_ip`: the guest lives on elsewhere (a completed live migration) with this launcher's pod IP, so
+        when this launcher holds the VMI's own allocation the chain is DELeted without its IPAM and the address
+        is recorded as kept (`owner`: namespace and name of the VMI, for release_kept's caller); a target's
+        link address is released as usual (the kept IP stays with the node that allocated it).
+        `release`: the VMI itself ends here (deleted), so an address this node kept for it is released
+        too; a dropped migration target must not, the guest still uses it elsewhere."""
         self._ips.pop(uid, None)
         self._sec_ips.pop(uid, None)
         f = self._state_file(uid)
         try:
             state = json.loads(f.read_text())
         except (OSError, ValueError):
-            return []
+            return await self.release_kept(uid) if release else []
         errors: list[str] = []
         ns = state.get("netns") or self.netns_for(uid)
+        cid = state.get("containerID") or uid
+        if state.get("routed"):
+            await netns.run(["ip", "route", "del", f"{state['keptIP']}/32", "via", state["linkIP"]], check=False)
+        keep = keep_ip and not state.get("keptIP") and bool(state.get("podIP"))
         for sec in reversed(state.get("secondaries") or []):  # secondary networks first, last added first
             if sec.get("dnsmasqPid"):
                 await asyncio.to_thread(_stop_pid, int(sec["dnsmasqPid"]))
@@ -414,9 +487,19 @@ class PodNetwork:
                 await asyncio.to_thread(_stop_pid, int(state[key]))
         conflist = state.get("conflist")
         if conflist:
-            inv = cni.Invocation(container_id=uid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
+            inv = cni.Invocation(container_id=cid, netns=str(netns.path(ns)) if netns.exists(ns) else "",
                                  ifname=POD_IFNAME)  # fmt: skip
-            errors += await cni.delete(conflist, inv, self.cni_path, state.get("result"), quiet=True)
+            if keep:
+                kf = self._kept_file(uid)
+                kf.parent.mkdir(parents=True, exist_ok=True)
+                kf.write_text(json.dumps({"uid": uid, "ip": state["podIP"], "containerID": cid, "conflist": conflist,
+                                          **dict(owner or {})}))  # fmt: skip
+                errors += await cni.delete(cni.without_ipam(conflist), inv, self.cni_path, state.get("result"),
+                                           quiet=True)  # fmt: skip
+            else:
+                errors += await cni.delete(conflist, inv, self.cni_path, state.get("result"), quiet=True)
+        if release:
+            errors += await self.release_kept(uid)
         await netns.delete(ns)
         with contextlib.suppress(FileNotFoundError):
             f.unlink()

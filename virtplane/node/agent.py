@@ -48,6 +48,7 @@ LEASE_NAMESPACE = "kube-node-lease"
 LEASE_DURATION_SECONDS = 40
 LEASE_RENEW_SECONDS = 10.0
 NODE_STATUS_SECONDS = 60.0  # full status refresh; liveness between refreshes is the Lease (as the kubelet does)
+KEPT_IP_SECONDS = 15.0  # how often kept pod IPs of migrated-away VMIs are checked for release
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ class NodeAgent:
         log.info("node agent API listening", extra={"address": cfg.address, "port": port})
         pod_net = network.pod_network()
         proxy = ServiceProxy(self.client, ServiceRules(pod_net.state_dir)) if pod_net is not None else None
-        routes = NodeRoutes(self.client, cfg.name, pod_net.pod_cidr) if pod_net is not None else None
+        routes = NodeRoutes(self.client, cfg.name, pod_net.pod_cidr, pods) if pod_net is not None else None
         try:
             await self._register_node()
             self._tasks.append(asyncio.create_task(self._lease_loop(), name="lease"))
@@ -135,6 +136,7 @@ class NodeAgent:
             if proxy is not None and routes is not None:
                 proxy.start()
                 routes.start()
+                self._tasks.append(asyncio.create_task(self._kept_ip_loop(), name="kept-pod-ips"))
             self.ready.set()
             log.info("node agent ready", extra={"node": cfg.name, "adopted": len(controller.runtimes)})
             await stop.wait()
@@ -156,6 +158,26 @@ class NodeAgent:
             await controller.shutdown()
             await self.server.stop()
             await self.client.close()
+
+    async def _kept_ip_loop(self) -> None:
+        """Pod IPs this node allocated to VMIs that live-migrated away stay reserved while the VMI lives
+        (wherever it runs); once it is gone, or has ended, the address goes back to this node's IPAM."""
+        pod_net = network.pod_network()
+        assert pod_net is not None
+        while True:
+            for rec in pod_net.kept():
+                try:
+                    vmi = await self.client.get(VMIS, rec.get("name", ""), rec.get("namespace"))
+                except rest.NotFound:
+                    vmi = None
+                except Exception as err:
+                    log.info("kept pod IP %s: cannot look its VMI up: %s", rec.get("ip"), err)
+                    continue
+                if vmi is None or vmi["metadata"].get("uid") != rec.get("uid") or \
+                        (vmi.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    for err in await pod_net.release_kept(str(rec.get("uid"))):
+                        log.warning("releasing kept pod IP %s: %s", rec.get("ip"), err)
+            await asyncio.sleep(KEPT_IP_SECONDS)
 
     # -- Node and Lease -----------------------------------------------------------------------------------
     def _desired_meta(self) -> tuple[dict[str, str], dict[str, str]]:

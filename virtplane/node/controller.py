@@ -493,7 +493,8 @@ class VMIController:
         phase = st.FAILED if failed else st.SUCCEEDED
         reason = rt.machine.reason if rt is not None and rt.machine is not None else "deleted"
         await self._finish(key, vmi, rt, phase, reason or "deleted")
-        await network.teardown(vmi["metadata"].get("uid", ""))  # pod-network hook: CNI DEL, netns removed
+        # pod-network hook: CNI DEL, netns removed; an IP this node kept for the VMI since it migrated away too
+        await network.teardown(vmi["metadata"].get("uid", ""), release_kept=True)
         if rt is not None:
             await rt.close()
             self.runtimes.pop(key, None)
@@ -512,7 +513,7 @@ class VMIController:
         if rt.alive and rt.machine is not None:
             with contextlib.suppress(HypervisorError, TimeoutError):
                 await rt.machine.kill()
-        await network.teardown(rt.meta.uid)  # pod-network hook
+        await network.teardown(rt.meta.uid, release_kept=True)  # pod-network hook
         await rt.close()
         self.runtimes.pop(rt.key, None)
         await asyncio.to_thread(rt.remove_files)

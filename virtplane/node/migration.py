@@ -17,8 +17,10 @@ node's agent. Then:
 A failure (the target QEMU dies, the network is cut, a timeout, an abort) is written by the source as
 `failed`/`failureReason`; the source guest just continues and the target tears its QEMU down.
 
-The VMI keeps its IP and MAC: the target is built from the same spec and uid (the MAC seed), and the pod
-network's guest address is the masquerade one on every node.
+The VMI keeps its IP and MAC: the target is built from the same spec and uid (the MAC seed); the guest's
+address is the masquerade one on every node, and on the CNI pod network the pod IP moves along (the target's
+launcher netns gets it beside its own link address, it is routed to the target at take-over, the source's
+node keeps it reserved while the VMI lives: docs/networking.md "Live migration keeps the pod IP").
 """
 
 from __future__ import annotations
@@ -160,8 +162,11 @@ class NodeMigrations:
         rt = VMIRuntime(path, RuntimeMeta(uid=meta["uid"], namespace=key[0], name=key[1]))
         rt.save()
         t0 = time.monotonic()
+        # the VMI keeps its pod IP: the source launcher's (PodNetwork.setup); the target's own chain runs under a
+        # container ID of this migration, never the VMI uid the source's IPAM reservation is held under
+        keep = self.source_pod_ip(vmi, ms)
         try:
-            await network.prepare(vmi)
+            await network.prepare(vmi, keep_ip=keep, container_id=f"{meta['uid']}-{str(ms.get('migrationUid'))[:8]}")
             resolved = await ctl.resolver.resolve(vmi, rt.disks_dir)
             kernel_boot = await ctl.resolver.resolve_kernel_boot(vmi)
             machine = Machine.create(vmi, rt.runtime, resolved.volumes, network.attachments(vmi), ctl.probe.accel,
@@ -218,6 +223,10 @@ class NodeMigrations:
 
         rt.meta.started_at = now
         rt.save()
+        try:
+            await network.activate(rt.meta.uid)  # the kept pod IP is routed here from now on
+        except network.NetworkSetupError as err:
+            log.warning("migration of %s/%s: %s", *key, err)
         written = await self.ctl._write_vmi(key, mutate)
         rt.start_polling(self.ctl._notify(key))
         if written is not None:
@@ -458,13 +467,26 @@ class NodeMigrations:
             await self.ctl._write_pod(pod, lambda old: st.launcher_pod_status(
                 old, phase="Succeeded", host_ip=self.ctl.node_ip, pod_ip=self.ctl.node_ip,
                 started_at=rt.meta.started_at, exit_code=0, reason="Completed", message=""))  # fmt: skip
-        await network.teardown(rt.meta.uid)
+        # the guest took its pod IP along: this node keeps the address reserved while the VMI lives
+        await network.teardown(rt.meta.uid, keep_ip=True, owner={"namespace": key[0], "name": key[1]})
         await rt.close()
         self.ctl.runtimes.pop(rt.key, None)
         await asyncio.to_thread(rt.remove_files)
         log.info("migration source of %s/%s cleaned up", *key)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def source_pod_ip(self, vmi: JSON, ms: JSON) -> str | None:
+        """The pod IP of the VMI's launcher on the source node, the address the VMI keeps; None when that pod
+        has none of its own (a user-mode network node reports its node address)."""
+        uid = vmi["metadata"].get("uid")
+        for pod in self.ctl.pods.list(vmi["metadata"].get("namespace")):
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            s = pod.get("status") or {}
+            if labels.get("kubevirt.io/created-by") == uid and (pod.get("spec") or {}).get("nodeName") == \
+                    ms.get("sourceNode") and s.get("podIP") and s.get("podIP") != s.get("hostIP"):
+                return str(s["podIP"])
+        return None
+
     async def _psk(self, vmi: JSON) -> str:
         """The migration's TLS-PSK key: random, 256 bits, in a Secret the migration controller made (owned by
         the VMIM): both ends, and only readers of that Secret, can speak on the stream."""

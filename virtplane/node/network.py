@@ -171,10 +171,12 @@ def multus_interfaces(vmi: Mapping[str, Any]) -> list[tuple[str, str]]:
 NADGetter = Callable[[str, str], Awaitable[Mapping[str, Any]]]
 
 
-async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None) -> None:
+async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None, *, keep_ip: str | None = None,
+                  container_id: str | None = None) -> None:  # fmt: skip
     """On a CNI node: set up the pod network of the VMI's masquerade interface and its multus (bridge binding)
     networks (idempotent while prepared). attachments() then hands QEMU the tap fds. On failure nothing is
-    left behind; NetworkSetupError says why."""
+    left behind; NetworkSetupError says why. `keep_ip`/`container_id`: a live migration's target, which keeps
+    the VMI's pod IP from the source (PodNetwork.setup)."""
     iface = _masquerade_iface(vmi)
     uid = _uid(vmi)
     secondaries = multus_interfaces(vmi)
@@ -187,8 +189,10 @@ async def prepare(vmi: Mapping[str, Any], get_nad: NADGetter | None = None) -> N
         return
     ns = (vmi.get("metadata") or {}).get("namespace") or "default"
     binding = "passt" if is_passt(iface) else "masquerade"
+    kept = {"keep_ip": keep_ip, "container_id": container_id} if keep_ip else {}
     try:
-        att = await _pod_network.setup(uid, interface_ports(iface), dns_search=cluster_search(ns), binding=binding)
+        att = await _pod_network.setup(uid, interface_ports(iface), dns_search=cluster_search(ns), binding=binding,
+                                       **kept)  # fmt: skip
     except PodNetworkError as err:
         raise NetworkSetupError(str(err)) from None
     if att.socket is not None:
@@ -286,12 +290,24 @@ def release(uid: str) -> None:
                 os.close(fd)
 
 
-async def teardown(uid: str) -> None:
-    """CNI DEL (releases the pod IP), stop the DHCP server, remove the netns; a no-op without a pod network."""
+async def teardown(uid: str, *, keep_ip: bool = False, owner: Mapping[str, str] | None = None,
+                   release_kept: bool = False) -> None:  # fmt: skip
+    """CNI DEL (releases the pod IP), stop the DHCP server, remove the netns; a no-op without a pod network.
+    `keep_ip`: a live migration moved the guest away with its pod IP (kept reserved, PodNetwork.teardown);
+    `release_kept`: the VMI ends here, so an IP this node kept for it since it moved away is released too."""
     release(uid)
     _passt_sockets.pop(uid, None)
     if _pod_network is not None and uid:
-        await _pod_network.teardown(uid)
+        await _pod_network.teardown(uid, keep_ip=keep_ip, owner=owner, release=release_kept)
+
+
+async def activate(uid: str) -> None:
+    """A migration target took the guest over: route the kept pod IP to it on this node."""
+    if _pod_network is not None and uid:
+        try:
+            await _pod_network.activate(uid)
+        except netns.NetnsError as err:
+            raise NetworkSetupError(f"routing the kept pod IP: {err}") from None
 
 
 def binding_ips(uid: str, nics: Mapping[str, str]) -> dict[str, str]:
