@@ -298,7 +298,10 @@ class ResourceHandler:
         if options.get("dryRun"):
             opts.dry_run = True
         obj, finished = await self.server.objects.delete(res, ns, name, options, opts)
-        return json_response(obj, 200 if finished else 202)  # 202: deletion pending, as Kubernetes
+        # kube-apiserver (endpoints/handlers/delete.go) answers 200 for a pending deletion too (finalizers, a
+        # pod's grace period, a namespace); 202 only when it is pending and the client sent orphanDependents: false
+        accepted = not finished and options.get("orphanDependents") is False
+        return json_response(obj, 202 if accepted else 200)
 
     async def delete_collection(self, request: web.Request, res: resources.Resource, ns: str | None) -> web.Response:
         options = await self.delete_options(request)

@@ -149,3 +149,19 @@ def test_watch_from_a_compacted_revision_is_410(tmp_path: Path) -> None:
         assert code == 200
     finally:
         c.stop()
+
+
+def test_delete_held_by_a_finalizer_answers_200_like_kubernetes(cluster: Cluster) -> None:
+    """A deletion that is pending (a finalizer here; a pod's grace period or a namespace alike) answers 200 with
+    the object and its deletionTimestamp; 202 is only for orphanDependents: false, as kube-apiserver does."""
+    body = json.loads(cm("held"))
+    body["metadata"]["finalizers"] = ["example.com/hold"]
+    assert call(cluster, "POST", CMS, json.dumps(body).encode())[0] == 201
+    code, obj = call(cluster, "DELETE", f"{CMS}/held", None)
+    assert code == 200 and obj["metadata"]["deletionTimestamp"], (code, obj)
+    code, obj = call(cluster, "DELETE", f"{CMS}/held", json.dumps({"orphanDependents": False}).encode())
+    assert code == 202, (code, obj)
+    code, _ = call(cluster, "PATCH", f"{CMS}/held", b'{"metadata": {"finalizers": null}}',
+                   "application/merge-patch+json")
+    assert code == 200
+    assert call(cluster, "GET", f"{CMS}/held", None)[0] == 404
