@@ -25,7 +25,7 @@ VMI_SUBRESOURCES = {
     "reset": ["update"], "guestosinfo": ["get"], "userlist": ["get"], "filesystemlist": ["get"],
     "addvolume": ["update"], "removevolume": ["update"], "usbredir": ["get"], "vsock": ["get"],
     "consolelog": ["get"],  # virtplane's: the serial console's log (virtctl console --log)
-    "objectgraph": ["get"], "evacuate/cancel": ["update"],
+    "objectgraph": ["get"], "evacuate/cancel": ["update"], "backup": ["update"],
 }
 
 

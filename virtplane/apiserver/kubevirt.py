@@ -26,7 +26,7 @@ PROXY_SECRET = ("kube-system", "virtplane-node-proxy")
 AGENT_FINGERPRINT_ANNOTATION = "virtplane.io/agent-cert-sha256"
 VMI_PROXIED = {
     "pause": "PUT", "unpause": "PUT", "softreboot": "PUT", "reset": "PUT", "freeze": "PUT", "unfreeze": "PUT",
-    "guestosinfo": "GET", "userlist": "GET", "filesystemlist": "GET",
+    "guestosinfo": "GET", "userlist": "GET", "filesystemlist": "GET", "backup": "PUT",
 }
 FINAL_PHASES = ("Succeeded", "Failed")
 

@@ -29,7 +29,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from virtplane.client import events, informer, rest
@@ -49,6 +51,9 @@ COMPONENT = "datavolume-controller"
 ANN_IMMEDIATE = "cdi.kubevirt.io/storage.bind.immediate.requested"
 ANN_CLONE_FALLBACK = "cdi.kubevirt.io/cloneFallbackReason"
 ANN_CLONE_TYPE = "cdi.kubevirt.io/cloneType"
+# virtplane's: clone the point-in-time copy the source VM's `backup` action left beside the source volume
+# (storage.provisioner.backup_path) instead of the volume itself, which its running VM is writing
+ANN_SOURCE_BACKUP = "virtplane.io/clone-source-backup"
 ANN_CONTENT_TYPE = "cdi.kubevirt.io/storage.contentType"
 ANN_POD_PHASE = "cdi.kubevirt.io/storage.pod.phase"
 ANN_POD_READY = "cdi.kubevirt.io/storage.pod.ready"
@@ -512,9 +517,19 @@ class DataVolumeController:
         if (spvc.get("status") or {}).get("phase") != "Bound":
             return f"source PVC {ns}/{src.get('name')} is not bound yet"
         users = pvcs.consumers(self.pods.list(ns), self.vmis.list(ns), ns, spvc["metadata"]["name"])
-        if users:
+        if users and self._source_backup(dv, source) is None:
             return f"source PVC {ns}/{src.get('name')} is in use by {', '.join(u for u, _ in users)}"
         return ""
+
+    def _source_backup(self, dv: JSON, source: JSON) -> Path | None:
+        """The source volume's backup this DataVolume clones (ANN_SOURCE_BACKUP), when it is there."""
+        name = (dv["metadata"].get("annotations") or {}).get(ANN_SOURCE_BACKUP)
+        pv = self._source_pv(dv, source) if name else None
+        volume = pvcs.volume_of(self.root, pv) if pv is not None else None
+        if volume is None or not name or not provisioner.BACKUP_NAME_RE.fullmatch(name):
+            return None
+        path = provisioner.backup_path(volume.directory, name)
+        return path if path.exists() else None
 
     def _progress(self, work: Work, key: informer.Key) -> importer.ProgressFn:
         def report(fraction: float) -> None:
@@ -649,6 +664,12 @@ class DataVolumeController:
         if src_volume is None:
             raise importer.TransferError(importer.INVALID_IMAGE, f"source volume {src_pv['metadata']['name']} is not "
                                          "provisioned by virtplane; only its own volumes can be cloned")
+        backup = self._source_backup(dv, source)
+        if (dv["metadata"].get("annotations") or {}).get(ANN_SOURCE_BACKUP) and backup is None:
+            raise importer.TransferError(importer.NOT_FOUND, "the source VM's backup for this clone is gone",
+                                         transient=True)
+        if backup is not None:
+            return await self._clone_backup(backup, volume, tmp, limit, work, progress, preallocate)
         # one clone of a source at a time: a copy-on-write clone swaps the source's image file
         lock = self._source_locks.setdefault(str(src_volume.directory), asyncio.Lock())
         async with lock:
@@ -680,6 +701,26 @@ class DataVolumeController:
         work.fallback = reason
         await importer.convert(src_path, src_fmt, tmp, progress=progress, preallocate=preallocate)
         await asyncio.to_thread(importer.grow, tmp, limit, False)
+        return False
+
+    async def _clone_backup(self, backup: Path, volume: provisioner.Volume, tmp: Any, limit: int, work: Work,
+                            progress: importer.ProgressFn, preallocate: bool) -> bool:
+        """A running VM's point-in-time copy (raw, made for this clone alone) becomes the target: renamed in
+        place when it is on the target's file system (O(1), CDI's "snapshot" clone), else copied. Either
+        way the backup is gone afterwards."""
+        virtual = os.stat(backup).st_size
+        if virtual > limit:
+            raise importer.TransferError(importer.TOO_LARGE, f"the source's virtual size {virtual} is larger than the "
+                                         f"target's usable size {limit}; a larger target is required")
+        if os.stat(backup).st_dev == os.stat(volume.directory).st_dev:
+            work.clone_type = "snapshot"
+            await asyncio.to_thread(os.replace, backup, tmp)
+        else:
+            work.clone_type = "copy"
+            work.fallback = "the source's backup is on another file system"
+            await importer.convert(backup, "raw", tmp, progress=progress, preallocate=preallocate)
+            await asyncio.to_thread(backup.unlink, True)
+        await asyncio.to_thread(importer.grow, tmp, limit, preallocate)
         return False
 
     def _clone_strategy(self, src_pv: JSON) -> str:

@@ -1,10 +1,16 @@
-"""VirtualMachineClone (clone.kubevirt.io/v1beta1): a new VM from a stopped VM's spec and disks.
+"""VirtualMachineClone (clone.kubevirt.io/v1beta1): a new VM from a VM's spec and disks, stopped or running.
 
 KubeVirt takes a VirtualMachineSnapshot of the source and restores it into the target; virtplane has no
 snapshots yet, so the "snapshot" of a stopped VM is its volumes themselves, cloned with CDI DataVolumes
-(`source.pvc`: copy-on-write when source and target share storage, host-assisted otherwise). The phases
-are KubeVirt's: SnapshotInProgress (the source is checked: it must exist and be stopped) → CreatingTargetVM
-→ RestoreInProgress (the DataVolume clones run) → Succeeded, or Failed with the reason in the Ready condition.
+(`source.pvc`: copy-on-write when source and target share storage, host-assisted otherwise). A running
+source (KubeVirt's online snapshot) gets a point-in-time copy of its PVC disks first: the VMI's `backup`
+subresource (proxied to its node agent: guest file systems frozen while one QMP transaction starts a
+blockdev-backup job per disk, thawed right after; the copies land beside the source volumes), reported in
+the VMI's `status.changedBlockTracking.backupStatus`; the clone's `status.snapshotName` names it and the
+target's DataVolumes take those copies (annotation virtplane.io/clone-source-backup) instead of the live
+volumes. The source keeps running. The phases are KubeVirt's: SnapshotInProgress (the source is checked:
+it must exist; a running one is copied) → CreatingTargetVM → RestoreInProgress (the DataVolume clones run)
+→ Succeeded, or Failed with the reason in the Ready condition.
 
 The target VM: the source's spec with
 - every PVC/DataVolume volume pointing at its clone `restore-<clone uid prefix>-<volume>` (owned by the
@@ -22,8 +28,7 @@ Containerdisks, cloud-init and other ephemeral volumes are copied as they are.
 `volumeNamePolicy`: RandomizeNames (default) or PrefixTargetName (`<target>-<volume>`); a name already taken by
 a DataVolume or PVC fails the clone (TargetVolumeExists) before anything is created.
 
-Not implemented: cloning a running VM (KubeVirt's online snapshot: the clone waits for
-the source to stop).
+Not implemented: `source.kind: VirtualMachineSnapshot` (virtplane has no VirtualMachineSnapshot yet).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 from virtplane.api import patch
 from virtplane.client import events, informer, rest
 from virtplane.controllers import vmi as vmi_ctrl
+from virtplane.controllers.datavolume import ANN_SOURCE_BACKUP
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
@@ -47,6 +53,7 @@ VMIS = rest.GVR("kubevirt.io", "v1", "virtualmachineinstances")
 PVCS = rest.GVR("", "v1", "persistentvolumeclaims")
 DATAVOLUMES = rest.GVR("cdi.kubevirt.io", "v1beta1", "datavolumes")
 COMPONENT = "virt-controller"
+SUBRESOURCES = "/apis/subresources.kubevirt.io/v1"
 CLONE_LABEL = "clone.kubevirt.io/clone-name"  # on the target's DataVolumes, to find them again
 SNAPSHOT_IN_PROGRESS, CREATING_TARGET, RESTORE_IN_PROGRESS = "SnapshotInProgress", "CreatingTargetVM", \
     "RestoreInProgress"  # fmt: skip
@@ -87,6 +94,11 @@ def restore_name(clone: JSON, volume: str) -> str:
     if (clone.get("spec") or {}).get("volumeNamePolicy") == PREFIX_TARGET_NAME:
         return f"{target_name(clone)}-{volume}"[:253]
     return f"restore-{clone['metadata']['uid'][:8]}-{volume}"[:253]
+
+
+def backup_name(clone: JSON) -> str:
+    """The running source's point-in-time copy for this clone (KubeVirt's status.snapshotName)."""
+    return f"clone-{clone['metadata']['uid'][:8]}"
 
 
 def target_name(clone: JSON) -> str:
@@ -240,11 +252,19 @@ class VMCloneController:
                 vmi = await self.client.get(VMIS, source["metadata"]["name"], ns)
             except rest.NotFound:
                 vmi = None
-            if vmi is not None and (vmi.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-                await self._set(clone, SNAPSHOT_IN_PROGRESS, "True", "SourceRunning",
-                                "waiting for the source VM to stop (only stopped VMs can be cloned)")
-                return 5.0
-            await self._set(clone, CREATING_TARGET, "True", "CreatingTargetVM", f"creating VM {name}")
+            phase = ((vmi or {}).get("status") or {}).get("phase")
+            snapshot = ""
+            if vmi is not None and phase not in ("Succeeded", "Failed"):
+                if phase != "Running":
+                    await self._set(clone, SNAPSHOT_IN_PROGRESS, "True", "SourceNotReady",
+                                    f"the source VM is {phase or 'starting'}: waiting for it to run or stop")
+                    return 2.0
+                snapshot = backup_name(clone)
+                done = await self._online_snapshot(clone, vmi, snapshot)
+                if done is not None:
+                    return done if done >= 0 else None
+            await self._set(clone, CREATING_TARGET, "True", "CreatingTargetVM", f"creating VM {name}",
+                            snapshot=snapshot)
             return await self._create_target(clone, source)
         if status.get("phase") == CREATING_TARGET:
             source = self.vms.get(ns, str(source_ref.get("name") or ""))
@@ -261,6 +281,35 @@ class VMCloneController:
             await self.recorder.event(clone, "Normal", "CloneSucceeded", f"Successfully cloned into VM {name}")
             return None
         return None  # DataVolume events bring us back
+
+    async def _online_snapshot(self, clone: JSON, vmi: JSON, snapshot: str) -> float | None:
+        """A running source: its node agent's `backup` takes a point-in-time copy of the VM's PVC disks
+        (guest file systems frozen while the copy jobs start, when its guest agent runs). None once it
+        completed, else when to look again (or None after failing the clone)."""
+        ns, name = vmi["metadata"].get("namespace") or "", vmi["metadata"]["name"]
+        backup = (((vmi.get("status") or {}).get("changedBlockTracking") or {}).get("backupStatus") or {})
+        if backup.get("backupName") == snapshot:
+            if backup.get("completed"):
+                return None
+            if backup.get("failed"):
+                await self._fail(clone, "SnapshotFailed", f"the point-in-time copy of the running source failed: "
+                                 f"{backup.get('backupMsg') or 'unknown error'}")
+                return -1.0
+            return 1.0  # copying
+        try:
+            await self.client.request("PUT", f"{SUBRESOURCES}/namespaces/{ns}/virtualmachineinstances/{name}/backup",
+                                      body={"backupName": snapshot, "cmd": "Start", "mode": "Push"})
+        except rest.Conflict as exc:  # another backup of the VM runs, or the VMI just stopped
+            await self._set(clone, SNAPSHOT_IN_PROGRESS, "True", "SnapshotInProgress",
+                            f"waiting to snapshot the running source: {exc.status.get('message', exc)}")
+            return 2.0
+        except rest.APIError as exc:
+            await self._fail(clone, "SnapshotFailed", f"cannot snapshot the running source: "
+                             f"{exc.status.get('message', exc)}")
+            return -1.0
+        await self._set(clone, SNAPSHOT_IN_PROGRESS, "True", "SnapshotInProgress",
+                        f"taking a point-in-time copy of the running VM {name}'s volumes", snapshot=snapshot)
+        return 1.0
 
     async def _taken_volume(self, clone: JSON, source: JSON) -> str | None:
         """A DataVolume or PVC that already has the name one of the target's volumes would get."""
@@ -311,6 +360,9 @@ class VMCloneController:
                   "metadata": {"name": restore_name(clone, volume["name"]), "namespace": ns,
                                "labels": {CLONE_LABEL: clone["metadata"]["name"]}, "ownerReferences": [owner]},
                   "spec": {"source": {"pvc": {"namespace": ns, "name": claim}}, "storage": storage}}
+            snapshot = (clone.get("status") or {}).get("snapshotName")
+            if snapshot:  # an online clone: the copy comes from the running source's backup
+                dv["metadata"]["annotations"] = {ANN_SOURCE_BACKUP: snapshot}
             try:
                 await self.client.create(DATAVOLUMES, dv, ns)
             except rest.Conflict:  # created by an earlier pass, or someone else's (checked before the target VM)
@@ -331,7 +383,7 @@ class VMCloneController:
         await self.recorder.event(clone, "Warning", reason, message)
 
     async def _set(self, clone: JSON, phase: str, progressing: str, reason: str, message: str, *,
-                   ready: str = "False", target: str | None = None) -> None:  # fmt: skip
+                   ready: str = "False", target: str | None = None, snapshot: str = "") -> None:  # fmt: skip
         for _attempt in range(5):
             body = copy.deepcopy(clone)
             status = body.setdefault("status", {})
@@ -340,6 +392,8 @@ class VMCloneController:
                 status["creationTime"] = events.now_rfc3339()
             if target:
                 status["targetName"] = target
+            if snapshot:
+                status["snapshotName"] = snapshot
             conds = list(status.get("conditions") or [])
             conds = vmi_ctrl.set_condition(conds, {"type": "Progressing", "status": progressing, "reason": reason,
                                                    "message": message, "lastProbeTime": None,

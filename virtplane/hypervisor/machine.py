@@ -22,12 +22,13 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from . import cgroups
 from . import devices as dev
+from .devices.base import short_id
 from .errors import (
     HypervisorError,
     InvalidStateError,
@@ -603,6 +604,93 @@ class Machine:
         """QEMU's query-status ({status, running, ...})."""
         self._guard("query_status")
         return await self._qmp_exec("query-status")
+
+    # -- backup --------------------------------------------------------------------------------------
+    async def disk_files(self, volumes: Iterable[str]) -> dict[str, str]:
+        """volume name -> the host file (or device) QEMU has open for that volume's disk, from QEMU itself."""
+        nodes = await self._qmp_exec("query-named-block-nodes", {"flat": True})
+        files = {n.get("node-name"): str(n.get("file") or "") for n in nodes}
+        out = {}
+        for volume in volumes:
+            name = dev.block_node_names(volume).file
+            if files.get(name):
+                out[volume] = files[name]
+        return out
+
+    async def backup(self, targets: Mapping[str, Path], *, poll: float = 0.2,
+                     started: Callable[[], Awaitable[None]] | None = None) -> None:
+        """A point-in-time full copy of each volume's disk (volume name -> a new raw file, written sparse):
+        one QMP transaction starts a blockdev-backup job per disk, so every copy is of the same instant
+        (copy-before-write keeps the guest's later writes out); `started` runs right after it (to thaw a
+        frozen guest). Returns when every job has finished; a failed job fails it (and the files are removed)."""
+        added: list[str] = []
+        jobs: list[str] = []
+        try:
+            nodes = {n.get("node-name"): n for n in await self._qmp_exec("query-named-block-nodes", {"flat": True})}
+            actions = []
+            for volume, target in targets.items():
+                source = dev.block_node_names(volume).format
+                if source not in nodes:
+                    raise HypervisorError(f"volume {volume} has no disk in the running VM")
+                size = int((nodes[source].get("image") or {}).get("virtual-size") or 0)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+                node = short_id("b-", volume, 31)
+                await self._qmp_exec("blockdev-add", {
+                    "driver": "raw", "node-name": node, "discard": "unmap", "detect-zeroes": "unmap",
+                    "file": {"driver": "file", "filename": str(target), "discard": "unmap"}})
+                added.append(node)
+                actions.append({"type": "blockdev-backup", "data": {
+                    "job-id": node, "device": source, "target": node, "sync": "full", "auto-dismiss": False}})
+            await self._qmp_exec("transaction", {"actions": actions})
+            jobs = [a["data"]["job-id"] for a in actions]
+            if started is not None:
+                await started()
+            errors = []
+            while jobs:
+                states = {j.get("id"): j for j in await self._qmp_exec("query-jobs")}
+                for job in list(jobs):
+                    info = states.get(job)
+                    if info is None or info.get("status") == "concluded":
+                        if info is not None and info.get("error"):
+                            errors.append(f"{job}: {info['error']}")
+                        with contextlib.suppress(QMPCommandError):
+                            await self._qmp_exec("job-dismiss", {"id": job})
+                        jobs.remove(job)
+                if jobs:
+                    await asyncio.sleep(poll)
+            if errors:
+                raise HypervisorError(f"backup failed: {'; '.join(errors)}")
+        except BaseException:
+            await self._cancel_jobs(jobs, poll)
+            for target in targets.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+            raise
+        finally:
+            for node in added:
+                with contextlib.suppress(QMPCommandError, HypervisorError):
+                    await self._qmp_exec("blockdev-del", {"node-name": node})
+
+    async def _cancel_jobs(self, jobs: list[str], poll: float, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Cancels block jobs and dismisses them once concluded (their target nodes can then be deleted)."""
+        with contextlib.suppress(QMPCommandError, HypervisorError):
+            for job in jobs:
+                with contextlib.suppress(QMPCommandError):
+                    await self._qmp_exec("job-cancel", {"id": job})
+            deadline = time.monotonic() + timeout
+            while jobs and time.monotonic() < deadline:
+                states = {j.get("id"): j.get("status") for j in await self._qmp_exec("query-jobs")}
+                for job in list(jobs):
+                    if states.get(job) in (None, "concluded"):
+                        with contextlib.suppress(QMPCommandError):
+                            await self._qmp_exec("job-dismiss", {"id": job})
+                        jobs.remove(job)
+                if jobs:
+                    await asyncio.sleep(poll)
 
     # -- hotplug -------------------------------------------------------------------------------------
     async def _free_hotplug_port(self) -> str:

@@ -409,6 +409,8 @@ class VMIController:
             s["fsFreezeStatus"] = "frozen"
         else:
             s.pop("fsFreezeStatus", None)
+        if rt.meta.backup:  # the last `backup` (full backups only: no changed block tracking)
+            s["changedBlockTracking"] = {"state": "Disabled", "backupStatus": dict(rt.meta.backup)}
 
     # -- the end ------------------------------------------------------------------------------------------
     async def _finish(self, key: Key, vmi: JSON, rt: VMIRuntime | None, phase: str, reason: str,

@@ -1,6 +1,6 @@
 """The node agent's HTTPS API (docs/vm-runtime.md): VMI actions the API server proxies here, and /metrics.
 
-    PUT /v1/namespaces/{ns}/virtualmachineinstances/{name}/{pause|unpause|softreboot|reset|freeze|unfreeze}
+    PUT /v1/namespaces/{ns}/virtualmachineinstances/{name}/{pause|unpause|softreboot|reset|freeze|unfreeze|backup}
     GET /v1/namespaces/{ns}/virtualmachineinstances/{name}/{guestosinfo|userlist|filesystemlist}
     GET /metrics, GET /healthz
 
@@ -29,6 +29,7 @@ from virtplane.console import LocatedVMI, add_console_routes
 from virtplane.hypervisor.devices import netdev_id
 from virtplane.hypervisor.errors import GuestAgentError, HypervisorError, InvalidStateError
 from virtplane.hypervisor.machine import RunState
+from virtplane.storage import provisioner
 
 from . import metrics, network
 from . import status as st
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 SECRETS = rest.GVR("", "v1", "secrets")
 PROXY_SECRET = ("kube-system", "virtplane-node-proxy")
-PUT_ACTIONS = ("pause", "unpause", "softreboot", "reset", "freeze", "unfreeze")
+PUT_ACTIONS = ("pause", "unpause", "softreboot", "reset", "freeze", "unfreeze", "backup")
 GET_ACTIONS = ("guestosinfo", "userlist", "filesystemlist")
 DEFAULT_UNFREEZE_SECONDS = 300.0  # KubeVirt thaws a frozen guest after 5 minutes unless told otherwise
 
@@ -110,6 +111,7 @@ class AgentServer:
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._unfreeze_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._backups: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
@@ -138,6 +140,8 @@ class AgentServer:
     async def stop(self) -> None:
         for timer in self._unfreeze_timers.values():
             timer.cancel()
+        for task in self._backups.values():
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -248,6 +252,8 @@ class AgentServer:
                 await self._freeze(request, rt)
             elif action == "unfreeze":
                 await self._thaw(rt)
+            elif action == "backup":
+                await self._backup(request, rt)
         except InvalidStateError as err:
             raise StatusError(409, "Conflict", f"VMI {name}: {err}") from err
         except GuestAgentError as err:
@@ -303,6 +309,79 @@ class AgentServer:
         rt.meta.frozen = False
         rt.save()
 
+    async def _backup(self, request: web.Request, rt: VMIRuntime) -> None:
+        """KubeVirt's `backup` (BackupOptions; push mode, full): a point-in-time copy of every PVC/DataVolume
+        disk, written beside the volume as `backup-<backupName>.img` (storage.provisioner.backup_path; no
+        targetPath), the guest's file systems frozen while the copy jobs start when its agent is connected.
+        Answers once the jobs run; status.changedBlockTracking.backupStatus says when it completed or failed."""
+        body = await _json_body(request)
+        name = str(body.get("backupName") or "")
+        if not provisioner.BACKUP_NAME_RE.fullmatch(name):
+            raise StatusError(400, "BadRequest", f"backupName {name!r} must be a DNS label")
+        if (body.get("cmd") or "Start") != "Start" or (body.get("mode") or "Push") != "Push":
+            raise StatusError(400, "BadRequest", "only cmd Start in mode Push (a full backup) is supported")
+        if body.get("targetPath") or body.get("incremental"):
+            raise StatusError(400, "BadRequest", "targetPath and incremental are not supported: each volume's "
+                              "full backup is written beside it")
+        current = rt.meta.backup
+        if current.get("backupName") == name:
+            return  # started already: the status tells how it goes
+        if current and not (current.get("completed") or current.get("failed")):
+            raise StatusError(409, "Conflict", f"backup {current.get('backupName')} is in progress")
+        machine = rt.machine
+        assert machine is not None
+        vmi = self.controller.vmis.get(*rt.key) or {}
+        claims = [v["name"] for v in (vmi.get("spec") or {}).get("volumes") or []
+                  if v.get("persistentVolumeClaim") or v.get("dataVolume")]
+        files = await machine.disk_files(claims)
+        targets = {vol: provisioner.backup_path(provisioner.volume_directory(path), name)
+                   for vol, path in files.items()}
+        if not targets:
+            raise StatusError(400, "BadRequest", f"VMI {rt.meta.name} has no PVC or DataVolume disk to back up")
+        quiesce = not body.get("skipQuiesce") and rt.agent.connected and not rt.meta.frozen
+        rt.meta.backup = {"backupName": name, "startTimestamp": st.now_rfc3339(),
+                          "volumes": [{"volumeName": v} for v in sorted(targets)]}
+        rt.save()
+        self._backups[rt.key] = asyncio.get_running_loop().create_task(self._run_backup(rt, targets, quiesce))
+
+    async def _run_backup(self, rt: VMIRuntime, targets: dict[str, Any], quiesce: bool) -> None:
+        machine = rt.machine
+        assert machine is not None
+        frozen = False
+        status = "Skipped"
+        if quiesce:
+            try:
+                await machine.guest_command("guest-fsfreeze-freeze", timeout=60.0)
+                frozen, status = True, "Succeeded"
+            except HypervisorError as err:
+                log.warning("backup of %s/%s: freezing the guest failed, copying unquiesced: %s", *rt.key, err)
+                status = "Failed"
+
+        async def thaw() -> None:
+            nonlocal frozen
+            if frozen:
+                frozen = False
+                try:
+                    await machine.guest_command("guest-fsfreeze-thaw", timeout=60.0)
+                except HypervisorError as err:
+                    log.warning("backup of %s/%s: thawing the guest failed: %s", *rt.key, err)
+
+        result: JSON = {"quiesceStatus": status}
+        try:
+            await machine.backup(targets, started=thaw)
+            result["completed"] = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.warning("backup of %s/%s failed: %s", *rt.key, err)
+            result.update(failed=True, backupMsg=str(err))
+        finally:
+            await thaw()
+            self._backups.pop(rt.key, None)
+        rt.meta.backup = {**rt.meta.backup, **result, "endTimestamp": st.now_rfc3339()}
+        rt.save()
+        self.controller.enqueue(rt.key)
+
     async def _get(self, request: web.Request) -> web.Response:
         await self._authorize(request)
         action = request.match_info["action"]
@@ -330,6 +409,19 @@ class AgentServer:
         except HypervisorError as err:
             raise StatusError(500, "InternalError", f"guest agent: {err}") from err
         return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def _json_body(request: web.Request) -> JSON:
+    raw = await request.read() if request.can_read_body else b""
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise StatusError(400, "BadRequest", f"invalid body: {err}") from err
+    if not isinstance(body, dict):
+        raise StatusError(400, "BadRequest", "the body must be a JSON object")
+    return body
 
 
 async def _optional(call: Awaitable[Any]) -> Any:

@@ -72,6 +72,8 @@ class RuntimeMeta:
     # multus NICs QEMU has: interface name → its pod interface in the launcher netns (net1, ...), so hotplug
     # and unplug (virtplane.node.network.reconcile_nics) know what is plugged across agent restarts
     nics: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the last `backup` action: KubeVirt's VirtualMachineInstanceBackupStatus (status.changedBlockTracking)
+    backup: JSON = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> JSON:
         return dataclasses.asdict(self)

@@ -225,6 +225,27 @@ def _check_space(err: OSError, what: str) -> None:
         raise NoSpace(f"{what}: no space left on the storage filesystem") from err
 
 
+BACKUP_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def backup_path(directory: Path, name: str) -> Path:
+    """Where a running VM's point-in-time copy of this volume goes (the node agent's `backup` action), for a
+    clone to take: beside the volume, raw. `name` is a DNS label (BACKUP_NAME_RE), so never a path."""
+    if not BACKUP_NAME_RE.fullmatch(name):
+        raise StorageError(f"invalid backup name {name!r}")
+    return directory / f"backup-{name}.img"
+
+
+def volume_directory(disk: str | Path) -> Path:
+    """The volume directory of a disk QEMU has open: the image file's directory, or for a Block volume's loop
+    device the directory of the file behind it."""
+    path = Path(disk)
+    if path.parent == Path("/dev") and path.name.startswith("loop"):
+        backing = Path(f"/sys/block/{path.name}/loop/backing_file").read_text().strip()
+        return Path(backing).parent
+    return path.parent
+
+
 def prepare(volume: Volume) -> None:
     """An empty directory for the volume (leftovers of an interrupted attempt are removed)."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +22,7 @@ import pytest
 from virtplane.testing import guest
 from virtplane.testing.cluster import Cluster
 
-from .test_hotplug import STEP, blank_dv, boot, get, medium_path, virtctl, wait_for
+from .test_hotplug import STEP, blank_dv, boot, console, get, medium_path, virtctl, wait_for
 
 pytestmark = pytest.mark.e2e
 MARK = b"SRCDATA1"
@@ -171,16 +172,75 @@ def test_clone_stopped_vm(cluster: Cluster, image: str, tmp_path: Path) -> None:
         mac = vmi["status"]["interfaces"][0]["mac"]
         assert mac and mac.lower() != SOURCE_MAC, vmi["status"]["interfaces"]
 
-        # a running VM is not cloned until it stops
-        cluster.kubectl("apply", "-f", "-", input=clone("c3", "dst", "dst2"))
-        wait_for(lambda: any(c.get("reason") == "SourceRunning" for c in
-                             ((get(cluster, "vmclone", "c3") or {}).get("status") or {}).get("conditions") or []),
-                 STEP, what="c3 waiting for its source to stop")
-        assert get(cluster, "vm", "dst2") is None
     finally:
-        for vm in ("dst", "dst2", "dst5", "src"):
+        for vm in ("dst", "dst5", "src"):
             cluster.kubectl("delete", "vm", vm, "--wait=false", check=False)
         wait_for(lambda: get(cluster, "vmi", "dst") is None, STEP, what="VMI dst gone")
+
+
+# The guest writes a marker of its own making to the raw disk with serial "online" (fsync'd), or, when the disk
+# has one already (the clone), says which.
+ONLINE_SCRIPT = """#!/bin/sh
+for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = online ] && dev=/dev/${d##*/}; done
+old=$(dd if=$dev bs=44 count=1 2>/dev/null | tr -d '\\000')
+case "$old" in
+ONLINE-*) echo "virtplane-test: found $old" > /dev/console ;;
+*) m="ONLINE-$(cat /proc/sys/kernel/random/uuid)"
+   printf %s "$m" | dd of=$dev bs=44 count=1 conv=notrunc,fsync 2>/dev/null && sync
+   echo "virtplane-test: wrote $m" > /dev/console ;;
+esac
+"""
+
+
+def test_clone_running_vm(cluster: Cluster, image: str) -> None:
+    """An online clone: the running source's disk is copied at one point in time by its node agent (QMP
+    blockdev-backup) while it keeps running; the clone boots and finds what the source's guest wrote."""
+    blank_dv(cluster, "online-data")
+    wait_for(lambda: ((get(cluster, "dv", "online-data") or {}).get("status") or {}).get("phase") == "Succeeded",
+             STEP, what="DataVolume online-data")
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "live"},
+        "spec": {"runStrategy": "Always", "template": {
+            "metadata": {"labels": {"kubevirt.io/vm": "live"}},
+            "spec": {"terminationGracePeriodSeconds": 0,
+                     "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}},
+                                                      {"name": "data", "disk": {"bus": "virtio"}, "serial": "online"},
+                                                      {"name": "cloudinit", "disk": {"bus": "virtio"}}]},
+                                "resources": {"requests": {"memory": "128Mi"}}},
+                     "volumes": [{"name": "root", "containerDisk": {"image": image}},
+                                 {"name": "data", "dataVolume": {"name": "online-data"}},
+                                 {"name": "cloudinit", "cloudInitNoCloud": {"userData": ONLINE_SCRIPT}}]}}}}))
+    try:
+        boot(cluster, "live")
+        pattern = re.compile(r"virtplane-test: wrote (ONLINE-[0-9a-f-]+)")
+        mark = wait_for(lambda: pattern.search(console(cluster, "live")), STEP, what="the source's marker").group(1)
+        uid = (get(cluster, "vmi", "live") or {})["metadata"]["uid"]
+
+        cluster.kubectl("apply", "-f", "-", input=clone("c-live", "live", "live-copy"))
+        wait_for(lambda: ((get(cluster, "vmclone", "c-live") or {}).get("status") or {}).get("phase")
+                 in ("Succeeded", "Failed"), STEP, what="clone c-live done")
+        status = (get(cluster, "vmclone", "c-live") or {})["status"]
+        assert status["phase"] == "Succeeded", status
+        assert status["snapshotName"].startswith("clone-")
+        backup = (get(cluster, "vmi", "live") or {})["status"]["changedBlockTracking"]["backupStatus"]
+        assert backup["backupName"] == status["snapshotName"] and backup["completed"], backup
+        # the source kept running: same VMI, not rebooted
+        vmi = get(cluster, "vmi", "live") or {}
+        assert vmi["metadata"]["uid"] == uid and vmi["status"]["phase"] == "Running"
+        assert console(cluster, "live").count("virtplane-guest: ready") == 1
+
+        claim = next(v for v in (get(cluster, "vm", "live-copy") or {})["spec"]["template"]["spec"]["volumes"]
+                     if v["name"] == "data")["dataVolume"]["name"]
+        dv = get(cluster, "dv", claim) or {}
+        assert dv["metadata"]["annotations"].get("cdi.kubevirt.io/cloneType") == "snapshot", dv["metadata"]
+        boot(cluster, "live-copy")  # the source's runStrategy (Always) came along: the clone starts by itself
+        wait_for(lambda: f"virtplane-test: found {mark}" in console(cluster, "live-copy"), STEP,
+                 what="the clone to find the source's marker")
+    finally:
+        for vm in ("live-copy", "live"):
+            cluster.kubectl("delete", "vm", vm, "--wait=false", check=False)
+        wait_for(lambda: get(cluster, "vmi", "live") is None and get(cluster, "vmi", "live-copy") is None, STEP,
+                 what="VMIs gone")
 
 
 def test_cross_namespace_clone(cluster: Cluster) -> None:
