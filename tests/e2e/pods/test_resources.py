@@ -57,10 +57,44 @@ spec:
     assert cgroup_file(weighed, "cpu", "cpu.cfs_quota_us") == "50000"
     assert cgroup_file(weighed, "memory", "memory.limit_in_bytes") == str(64 << 20)
     assert cgroup_file(besteffort, "cpu", "cpu.shares") == "2"
-    # both sit under the node's pods parent, which weighs the host's cores beside the VMs' (as kubepods does):
-    # 2 shares make a BestEffort container yield to other pods, not to every busy process of the host
-    parent = cgroup_file(weighed, "cpu", "..")
-    assert parent.startswith("/virtplane/pods-") and parent == cgroup_file(besteffort, "cpu", "..")
-    assert cgroup_file(weighed, "cpu", "../cpu.shares") == str(1024 * (os.cpu_count() or 1))
+    # both sit in the pod's cgroup (the kubelet's kubepods/pod<uid>), weighing the pod's summed requests; not
+    # every container has limits, so the pod is not capped
+    pod_cg = cgroup_file(weighed, "cpu", "..")
+    assert pod_cg.endswith(f"-pod{uid}") and pod_cg == cgroup_file(besteffort, "cpu", "..")
+    assert pod_cg == cgroup_file(weighed, "memory", "..")
+    assert cgroup_file(weighed, "cpu", "../cpu.shares") == "256"
+    assert cgroup_file(weighed, "cpu", "../cpu.cfs_quota_us") == "-1"
+    assert int(cgroup_file(weighed, "memory", "../memory.limit_in_bytes")) > 1 << 40
+    # the pods sit under the node's pods parent, which weighs the host's cores beside the VMs' (as kubepods
+    # does): 2 shares make a BestEffort container yield to other pods, not to every busy process of the host
+    parent = str(Path(pod_cg).parent)
+    assert parent.startswith("/virtplane/pods-")
+    assert (V1 / "cpu" / parent.lstrip("/") / "cpu.shares").read_text().strip() == str(1024 * (os.cpu_count() or 1))
     assert cgroup_file(besteffort, "cpu", "cpu.cfs_quota_us") == "-1"
-    env.kubectl("delete", "pod", "sized")
+    env.kubectl("delete", "pod", "sized", "--wait=true")
+    assert not (V1 / "cpu" / pod_cg.lstrip("/")).exists()  # the pod's cgroup goes with the pod
+    assert not (V1 / "memory" / pod_cg.lstrip("/")).exists()
+
+
+def test_a_pod_whose_containers_all_have_limits_is_capped_as_a_whole(env: PodEnv) -> None:
+    if not (V1 / "cpu" / "cpu.shares").exists():
+        pytest.skip("this test reads cgroup v1 files (cpu.shares, cpu.cfs_quota_us)")
+    capped = "resources: {requests: {cpu: 100m}, limits: {cpu: 200m, memory: 32Mi}}"
+    env.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: capped}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: a, image: {env.image}, command: ["sleep", "3600"], {capped}}}
+  - {{name: b, image: {env.image}, command: ["sleep", "3600"], {capped}}}
+""")
+    pod = env.wait_pod("capped", ready, what="Ready")
+    a = int((env.node_dir / "pods" / "sandboxes" / pod["metadata"]["uid"] / "containers" / "a" / "state" / "pid")
+            .read_text())  # fmt: skip
+    assert cgroup_file(a, "cpu", "cpu.cfs_quota_us") == "20000"  # the container's own cap
+    assert cgroup_file(a, "cpu", "../cpu.shares") == "204"  # 200m of requests
+    assert cgroup_file(a, "cpu", "../cpu.cfs_quota_us") == "40000"  # 400m for the pod
+    assert cgroup_file(a, "memory", "../memory.limit_in_bytes") == str(64 << 20)
+    env.kubectl("delete", "pod", "capped", "--wait=true")

@@ -137,3 +137,22 @@ def test_default_pull_policy() -> None:
     assert images.default_pull_policy("reg:5000/a/b") == "Always"
     assert images.default_pull_policy("reg:5000/a/b:latest") == "Always"
     assert images.default_pull_policy("reg:5000/a/b:1") == "IfNotPresent"
+
+
+def test_pod_cgroup_sums_requests_and_caps_only_when_every_container_is_capped() -> None:
+    from virtplane.node.pods.controller import pod_cgroup_resources
+
+    def pod(*resources: dict, inits: tuple[dict, ...] = ()) -> dict:
+        return {"spec": {"containers": [{"name": f"c{i}", "resources": r} for i, r in enumerate(resources)],
+                         "initContainers": [{"name": f"i{i}", "resources": r} for i, r in enumerate(inits)]}}
+
+    capped = {"requests": {"cpu": "250m"}, "limits": {"cpu": "500m", "memory": "64Mi"}}
+    assert pod_cgroup_resources(pod(capped, capped)) == {
+        "cpu": {"shares": 512, "quota": 100000, "period": 100000}, "memory": {"limit": 128 << 20}}
+    # one container without limits: the pod is weighed by its requests but not capped
+    assert pod_cgroup_resources(pod(capped, {})) == {"cpu": {"shares": 256}}
+    assert pod_cgroup_resources(pod({}, {})) == {"cpu": {"shares": 2}}
+    # a larger init container counts instead of the sum (it runs alone)
+    big_init = {"requests": {"cpu": "2"}, "limits": {"cpu": "2", "memory": "1Gi"}}
+    assert pod_cgroup_resources(pod(capped, inits=(big_init,))) == {
+        "cpu": {"shares": 2048, "quota": 200000, "period": 100000}, "memory": {"limit": 1 << 30}}

@@ -435,6 +435,7 @@ class PodController:
             process = podspec.process(pod, c, image.config, env)
             mounts = podspec.mounts(c, volumes)
             resources = podspec_resources(c)
+            pod_resources = pod_cgroup_resources(pod)
         except (podspec.ContainerConfigError, ValueError) as err:
             rec["waiting"] = {"reason": "CreateContainerConfigError", "message": str(err)}
             await self.recorder.event(obj, "Warning", "Failed", f"Error: {err}")
@@ -442,7 +443,7 @@ class PodController:
             return
         count = rec.get("restartCount", 0) + (1 if restart else 0)
         try:
-            await self.runtime.start_container(sb, name, image, process, mounts, resources, count)
+            await self.runtime.start_container(sb, name, image, process, mounts, resources, count, pod_resources)
         except (RuntimeError_, OSError) as err:
             rec["waiting"] = {"reason": "CreateContainerError", "message": str(err)}
             await self.recorder.event(obj, "Warning", "Failed", f"Error: {err}")
@@ -711,6 +712,17 @@ def podspec_resources(c: JSON) -> JSON:
     from .runtime import cgroup_resources
 
     return cgroup_resources(podspec.limits(c), podspec.cpu_request(c))
+
+
+def pod_cgroup_resources(pod: JSON) -> JSON:
+    from . import runtime
+
+    spec = pod.get("spec") or {}
+
+    def items(key: str) -> list[JSON]:
+        return [{"limits": podspec.limits(c), "cpu_request": podspec.cpu_request(c)} for c in spec.get(key) or []]
+
+    return runtime.pod_cgroup_resources(items("containers"), items("initContainers"))
 
 
 def qos_class(pod: JSON) -> str:

@@ -231,6 +231,8 @@ class PodRuntime:
         cdirs = sb.dir / "containers"
         for c in cdirs.iterdir() if cdirs.is_dir() else ():
             await self.remove_container(sb, c.name, kill=True)
+        if self.cgroup_parent:
+            await asyncio.to_thread(remove_cgroup, self.pod_cgroup(sb))
         await self.release_network(sb)
         vols = sb.dir / "volumes"
         await asyncio.to_thread(_umount_tree, vols)
@@ -246,9 +248,13 @@ class PodRuntime:
         await netns.delete(sb.netns)
 
     # -- containers ---------------------------------------------------------------------------------------
+    def pod_cgroup(self, sb: Sandbox) -> str:
+        return f"{self.cgroup_parent}/{self.cgroup_prefix}-pod{sb.uid}"
+
     async def start_container(self, sb: Sandbox, name: str, image: Image, process: JSON, mounts: list[JSON],
-                              resources: JSON, restart: int) -> None:  # fmt: skip
-        """Fresh rootfs on the image, bundle, then the shim (its own session) runs `runc run`."""
+                              resources: JSON, restart: int, pod_resources: JSON | None = None) -> None:  # fmt: skip
+        """Fresh rootfs on the image, bundle, then the shim (its own session) runs `runc run`. With
+        `pod_resources` (cgroup v1 under the node's pods parent) the container's cgroup sits in the pod's."""
         await self.remove_container(sb, name, kill=True, keep_logs=True)
         cd = sb.cdir(name)
         for sub in ("rootfs", "upper", "work", "state", "logs"):
@@ -260,8 +266,13 @@ class PodRuntime:
                 self.cpu_control = await asyncio.to_thread(cgroups.CPUControl.detect, self.cgroup_scope)
                 if self.cpu_control is not None:
                     self.cgroup_parent = f"/{cgroups.TOP}/{self.cpu_control.scope_dir.name}"
+        parent = self.cgroup_parent
+        if pod_resources is not None and self.cpu_control is not None and self.cpu_control.version == 1:
+            # the pod's own cgroup (the kubelet's kubepods/pod<uid>): its containers' requests and limits summed
+            parent = self.pod_cgroup(sb)
+            await asyncio.to_thread(ensure_pod_cgroup, parent, pod_resources)
         spec = oci_spec(process=process, mounts=[*self._sandbox_mounts(sb), *mounts], netns=str(netns.path(sb.netns)),
-                        hostname=sb.name, cgroups_path=f"{self.cgroup_parent}/{self.cgroup_prefix}-{sb.runc_id(name)}",
+                        hostname=sb.name, cgroups_path=f"{parent}/{self.cgroup_prefix}-{sb.runc_id(name)}",
                         resources=resources)  # fmt: skip
         (cd / "config.json").write_text(json.dumps(spec))
         log_path = sb.log_path(name, restart)
@@ -341,20 +352,87 @@ def oci_spec(*, process: JSON, mounts: list[JSON], netns: str, hostname: str, cg
     }  # fmt: skip
 
 
+def _hierarchies() -> list[Path]:
+    base = Path("/sys/fs/cgroup")
+    with contextlib.suppress(OSError):
+        return [base, *(h for h in base.iterdir() if h.is_dir() and not h.is_symlink())]
+    return []
+
+
 def release_cgroup_parent(parent: str) -> None:
     """rmdir the node's pods cgroup parent (and `virtplane` above it) in every hierarchy runc made it in
-    (on cgroup v1: cpu, memory, pids ...), where nothing uses it any more; busy or missing is not an error."""
+    (on cgroup v1: cpu, memory, pids ...), where nothing uses it any more; busy or missing is not an error.
+    Pod cgroups left below it (their containers gone) go first."""
     if not parent:
         return
-    base = Path("/sys/fs/cgroup")
     rel = Path(parent.lstrip("/"))
-    with contextlib.suppress(OSError):
-        roots = [base, *(h for h in base.iterdir() if h.is_dir() and not h.is_symlink())]
-        for root in roots:
-            for d in (root / rel, root / rel.parent):
-                if d != root:
+    for root in _hierarchies():
+        with contextlib.suppress(OSError):
+            for child in (root / rel).iterdir():
+                if child.is_dir():
                     with contextlib.suppress(OSError):
-                        d.rmdir()
+                        child.rmdir()
+        for d in (root / rel, root / rel.parent):
+            if d != root:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def remove_cgroup(path: str) -> None:
+    """rmdir a (pod) cgroup in every hierarchy; busy or missing is not an error."""
+    rel = Path(path.lstrip("/"))
+    for root in _hierarchies():
+        if root / rel != root:
+            with contextlib.suppress(OSError):
+                (root / rel).rmdir()
+
+
+def pod_cgroup_resources(containers: Sequence[JSON], init_containers: Sequence[JSON] = ()) -> JSON:
+    """The pod cgroup's linux.resources-like values, as the kubelet's ResourceConfigForPod computes them: CPU
+    shares of the summed CPU requests (a larger init container's counts instead; 2 for none), a CFS quota of the
+    summed CPU limits and a memory limit of the summed memory limits, each only when every container has that
+    limit (otherwise the pod is not capped on it). Each item: {"limits": {cpu millicores, memory bytes},
+    "cpu_request": millicores}."""
+
+    def total(items: Sequence[JSON], key: str) -> int | None:
+        vals = [c["limits"].get(key) for c in items]
+        return sum(vals) if vals and all(vals) else None
+
+    request = max(sum(c["cpu_request"] for c in containers),
+                  max((c["cpu_request"] for c in init_containers), default=0))  # fmt: skip
+    out: JSON = {"cpu": {"shares": cgroups.shares_for(request / 1000)}}
+    cpu, memory = total(containers, "cpu"), total(containers, "memory")
+    if cpu is not None and init_containers:
+        init_cpu = total(init_containers, "cpu")
+        cpu = None if init_cpu is None else max(cpu, max(c["limits"]["cpu"] for c in init_containers))
+    if memory is not None and init_containers:
+        init_mem = total(init_containers, "memory")
+        memory = None if init_mem is None else max(memory, max(c["limits"]["memory"] for c in init_containers))
+    if cpu is not None:
+        period = 100000
+        out["cpu"].update(quota=max(1000, cpu * period // 1000), period=period)
+    if memory is not None:
+        out["memory"] = {"limit": memory}
+    return out
+
+
+def ensure_pod_cgroup(path: str, res: JSON) -> None:
+    """Create the pod cgroup (cgroup v1: its cpu and memory directories; runc makes the rest below the
+    containers) and write its values. Blocking; a value the kernel refuses is logged, not fatal."""
+    rel = path.lstrip("/")
+    base = Path("/sys/fs/cgroup")
+    cpu = res.get("cpu") or {}
+    writes = [(base / "cpu" / rel, "cpu.shares", str(cpu.get("shares", 2))),
+              (base / "cpu" / rel, "cpu.cfs_period_us", str(cpu.get("period", 100000))),
+              (base / "cpu" / rel, "cpu.cfs_quota_us", str(cpu.get("quota", -1))),
+              (base / "memory" / rel, "memory.limit_in_bytes", str((res.get("memory") or {}).get("limit", -1)))]
+    for d, name, value in writes:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if (d / name).read_text().strip() != value:
+                (d / name).write_text(value)
+        except OSError as err:
+            log.warning("pod cgroup %s: cannot set %s=%s: %s", d, name, value, err)
 
 
 def cgroup_resources(limits: Mapping[str, int], cpu_request: int = 0) -> JSON:
