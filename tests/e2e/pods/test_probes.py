@@ -110,3 +110,30 @@ spec:
     assert "Unhealthy: Startup probe failed: command failed with exit code 1" in events, events
     assert "Container app failed startup probe, will be restarted" in events, events
     env.kubectl("delete", "pod", "neverstarts", "--wait=true")
+
+
+def test_liveness_failure_stops_the_container_gracefully(env: PodEnv) -> None:
+    """As the kubelet: a container failing its liveness probe gets SIGTERM (its handler runs) before the restart."""
+    env.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: gentle}}
+spec:
+  terminationGracePeriodSeconds: 10
+  containers:
+  - name: app
+    image: {env.image}
+    command: ["sh", "-c", "trap 'echo got SIGTERM; exit 0' TERM; touch /tmp/alive; while :; do sleep 0.2; done"]
+    livenessProbe:
+      exec: {{command: ["cat", "/tmp/alive"]}}
+      periodSeconds: 1
+      failureThreshold: 1
+""")
+    env.wait_pod("gentle", ready, what="Ready")
+    env.kubectl("exec", "gentle", "--", "rm", "/tmp/alive")
+    pod = env.wait_pod("gentle", lambda p: p["status"]["containerStatuses"][0]["restartCount"] >= 1, timeout=60,
+                       what="restarted by the liveness probe")  # fmt: skip
+    last = pod["status"]["containerStatuses"][0]["lastState"]["terminated"]
+    assert last["exitCode"] == 0, last  # its SIGTERM handler ended it, not a SIGKILL (137)
+    assert "got SIGTERM" in env.kubectl("logs", "gentle", "--previous").stdout
+    env.kubectl("delete", "pod", "gentle", "--wait=true")

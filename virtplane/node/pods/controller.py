@@ -81,6 +81,7 @@ class PodController:
         self.last_seen: dict[Key, JSON] = {}
         self.queue = informer.WorkQueue(self.reconcile, workers=8, name="node-pods")
         self.probe_states: dict[tuple[str, str, str], probes.ProbeState] = {}  # (pod uid, container, kind)
+        self.killing: dict[tuple[str, str], asyncio.Task[None]] = {}  # (pod uid, container) → graceful stop
         self.stopping: dict[str, set[asyncio.Task[None]]] = {}  # pod uid → its running preStop hooks (then SIGTERM)
 
     def on_pod_event(self, _kind: str, obj: JSON, _old: JSON | None) -> None:
@@ -301,8 +302,8 @@ class PodController:
         kubelet's rule); its failureThreshold-th failure kills the container, which restarts per policy."""
         for c in conts:
             st = read_state(sb, c["name"])
-            if st.state != "running":
-                continue
+            if st.state != "running" or (sb.uid, c["name"]) in self.killing:
+                continue  # (or being stopped after a failed probe)
             started = _epoch(st.started_at)
             for kind in ("startup", "liveness", "readiness"):
                 probe = c.get(f"{kind}Probe")
@@ -327,9 +328,36 @@ class PodController:
                 if kind in ("startup", "liveness") and ps.failures >= int(probe.get("failureThreshold") or 3):
                     await self.recorder.event(obj, "Normal", "Killing",
                                               f"Container {c['name']} failed {kind} probe, will be restarted")
-                    await self.runtime.signal(sb, c["name"], signal.SIGKILL)
+                    # as the kubelet: preStop, SIGTERM, then SIGKILL after the probe's (or the pod's) grace period
+                    grace = probe.get("terminationGracePeriodSeconds")
+                    if grace is None:
+                        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
+                    grace = DEFAULT_GRACE if grace is None else int(grace)
+                    task = asyncio.create_task(self._stop_container(pod, sb, c, st.started_at, grace))
+                    self.killing[(sb.uid, c["name"])] = task
+                    task.add_done_callback(lambda _t, k=(sb.uid, c["name"]): self.killing.pop(k, None))
                     ps.failures = 0
                     break
+
+    async def _stop_container(self, pod: JSON, sb: Sandbox, c: JSON, run: str, grace: int) -> None:
+        """Stop one container run gracefully (a failed liveness/startup probe): its preStop hook and SIGTERM
+        within `grace` seconds, then SIGKILL; it then restarts per policy."""
+        name = c["name"]
+        deadline = time.time() + grace
+        hook = (c.get("lifecycle") or {}).get("preStop")
+        if hook:
+            ok, message = await self._run_hook(pod, sb, c, hook, float(grace))
+            if not ok:
+                await self.recorder.event(self._obj(pod), "Warning", "FailedPreStopHook", message)
+            deadline = max(deadline, time.time() + MIN_GRACE_AFTER_HOOK)
+        await self.runtime.signal(sb, name, signal.SIGTERM)
+        while time.time() < deadline:
+            st = read_state(sb, name)
+            if st.state not in ("running", "starting") or st.started_at != run:
+                return
+            await asyncio.sleep(0.2)
+        if read_state(sb, name).started_at == run:
+            await self.runtime.signal(sb, name, signal.SIGKILL)
 
     def _started(self, sb: Sandbox, c: JSON, st: ContainerState) -> bool:
         """containerStatuses[].started: running, and its startup probe (if any) succeeded in this run."""
@@ -599,8 +627,6 @@ class PodController:
         st = read_state(sb, name)
         out: JSON = {"name": name, "image": c.get("image", ""), "imageID": rec.get("imageID", ""),
                      "restartCount": rec.get("restartCount", 0), "ready": False, "started": False}  # fmt: skip
-        if rec.get("lastTerminated") and (st.state != "exited" or rec.get("restartCount", 0) > 0):
-            pass
         if st.state != "none":
             out["containerID"] = f"runc://{sb.runc_id(name)}"
         if rec.get("waiting") and st.state not in ("running", "starting"):
@@ -629,6 +655,8 @@ class PodController:
         else:  # none yet, or starting (runc has not reported the pid)
             out["state"] = {"waiting": {"reason": "PodInitializing" if not sb.init_done and not init
                                         else "ContainerCreating"}}  # fmt: skip
+            if rec.get("restartCount", 0) > 0 and rec.get("lastTerminated"):
+                out["lastState"] = {"terminated": rec["lastTerminated"]}  # a restart on its way
         return out
 
     def _status(self, old: JSON | None, pod: JSON, sb: Sandbox, pod_failed: bool) -> JSON:
