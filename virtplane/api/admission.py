@@ -84,6 +84,7 @@ class Request:
     old: JSON | None
     operation: str  # "CREATE" | "UPDATE"
     privileged: bool = False
+    subresource: str = ""  # e.g. "ephemeralcontainers" for a pods/ephemeralcontainers write
 
     @property
     def create(self) -> bool:
@@ -1353,10 +1354,54 @@ _POD_MUTABLE_HINT = (
 )
 
 
+_EPHEMERAL_FORBIDDEN = ("ports", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle", "resources")
+
+
+def _validate_ephemeral(new: JSON, old: JSON) -> list[Cause]:
+    """pods/ephemeralcontainers: existing ephemeral containers stay as they are, new ones get unique names and
+    none of the fields an ephemeral container may not have (Kubernetes' ValidatePodEphemeralContainersUpdate)."""
+    causes: list[Cause] = []
+    before = {c.get("name"): c for c in _list(old.get("ephemeralContainers")) if isinstance(c, dict)}
+    after = [c for c in _list(new.get("ephemeralContainers")) if isinstance(c, dict)]
+    names = {c.get("name") for key in ("containers", "initContainers") for c in _list(new.get(key))
+             if isinstance(c, dict)}  # fmt: skip
+    for name, c in before.items():
+        if not any(a.get("name") == name for a in after):
+            causes.append(validation.forbidden("spec.ephemeralContainers",
+                                               f'existing ephemeral containers "{name}" may not be removed'))
+        elif next(a for a in after if a.get("name") == name) != c:
+            causes.append(validation.forbidden("spec.ephemeralContainers",
+                                               f'existing ephemeral containers "{name}" may not be changed'))
+    seen: set[Any] = set()
+    for i, c in enumerate(after):
+        path = f"spec.ephemeralContainers[{i}]"
+        if c.get("name") in names or c.get("name") in seen:
+            causes.append(validation.duplicate(f"{path}.name", c.get("name")))
+        seen.add(c.get("name"))
+        if c.get("name") in before:
+            continue
+        if not c.get("image"):
+            causes.append(validation.required(f"{path}.image"))
+        for field in _EPHEMERAL_FORBIDDEN:
+            if c.get(field):
+                causes.append(validation.forbidden(f"{path}.{field}", "cannot be set for an Ephemeral Container"))
+        target = c.get("targetContainerName")
+        if target and target not in names:
+            causes.append(Cause("FieldValueNotFound", f"Not found: {validation.format_value(target)}",
+                                f"{path}.targetContainerName"))
+    return causes
+
+
 def _validate_pod(req: Request) -> list[Cause]:
+    if req.create:
+        if _dict(req.obj.get("spec")).get("ephemeralContainers"):
+            return [validation.forbidden("spec.ephemeralContainers", "cannot be set on create")]
+        return []
     if not req.update:
         return []
     new, old = _dict(req.obj.get("spec")), _dict(_dict(req.old).get("spec"))
+    if req.subresource == "ephemeralcontainers":
+        return _validate_ephemeral(new, old)
 
     def strip(spec: JSON) -> JSON:
         s = dict(spec)
@@ -1444,14 +1489,15 @@ def mutate(resource: Resource, obj: JSON, old: JSON | None, operation: str) -> N
 
 
 def validate(
-    resource: Resource, obj: JSON, old: JSON | None, operation: str, *, privileged: bool = False
+    resource: Resource, obj: JSON, old: JSON | None, operation: str, *, privileged: bool = False,
+    subresource: str = "",
 ) -> list[Cause]:
     """Causes from the validation rules registered for the resource's (group, kind); [] when admitted.
     `privileged`: the request comes from a virtplane component, not a user (see `Request`)."""
     fns = VALIDATORS.get((resource.group, resource.kind))
     if not fns or _get(obj, "metadata", "deletionTimestamp"):
         return []
-    req = Request(resource, obj, old, operation.upper(), privileged)
+    req = Request(resource, obj, old, operation.upper(), privileged, subresource)
     causes: list[Cause] = []
     for fn in fns:
         causes.extend(fn(req))

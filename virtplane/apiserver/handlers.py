@@ -342,6 +342,19 @@ class ResourceHandler:
             if request.method == "PATCH" and store_sub == "status":
                 return await self.patch(request, res, ns, name, "status")
             raise errors.StatusError(405, f"method {request.method} not allowed on {sub}")
+        if sub == "ephemeralcontainers" and res.group == "" and res.plural == "pods":
+            # kubectl debug: a write here changes spec.ephemeralContainers only (additions; admission checks)
+            if request.method == "GET":
+                return self.render(request, res, await srv.objects.get(res, ns, name))
+            if request.method == "PATCH":
+                return await self.patch(request, res, ns, name, sub)
+            if request.method == "PUT":
+                body = await read_body(request)
+                if not isinstance(body, dict):
+                    raise errors.bad_request("the request body must be a JSON object")
+                result = await srv.objects.update(res, ns, name, body, write_options(request, user), subresource=sub)
+                return json_response(result.obj)
+            raise errors.StatusError(405, f"method {request.method} not allowed on {sub}")
         if sub == "scale" and res.scale:
             return await self.scale(request, res, ns, name)
         if sub == "binding" and res.group == "" and res.plural == "pods" and request.method == "POST":

@@ -439,6 +439,14 @@ class ObjectStore:
             else:
                 new["status"] = status
             meta = new["metadata"]
+        elif subresource == "ephemeralcontainers":
+            # pods/ephemeralcontainers (kubectl debug) writes spec.ephemeralContainers and nothing else
+            eph = (new.get("spec") or {}).get("ephemeralContainers")
+            new = copy.deepcopy(old)
+            new.setdefault("spec", {})["ephemeralContainers"] = eph
+            if eph is None:
+                new["spec"].pop("ephemeralContainers")
+            meta = new["metadata"]
         elif res.status_subresource:
             if "status" in old:
                 new["status"] = old["status"]
@@ -746,7 +754,8 @@ class ObjectStore:
         if validator is not None:
             causes.extend(validator.validate(obj))
         if not causes and subresource != "status":
-            causes.extend(admission.validate(res, obj, old, operation, privileged=opts.privileged))
+            causes.extend(admission.validate(res, obj, old, operation, privileged=opts.privileged,
+                                             subresource=subresource))
             causes.extend(_unsupported_by_hypervisor(res, obj))
         if causes:
             name = (obj.get("metadata") or {}).get("name") or (obj.get("metadata") or {}).get("generateName", "")

@@ -280,6 +280,13 @@ class PodController:
                 else:
                     await self._backoff_event(pod, name, rec)
         if sb.init_done and not pod_failed:
+            # ephemeral containers (kubectl debug): started once, never restarted
+            for c in spec.get("ephemeralContainers") or []:
+                st = read_state(sb, c["name"])
+                if st.state == "none":
+                    await self._start(pod, sb, c, volumes, config_error, lookup, restart=False)
+                elif st.state == "exited":
+                    self._record_exit(sb, c["name"], st)
             await self._probe(pod, sb, conts)
         await self._write_status(pod, lambda old: self._status(old, pod, sb, pod_failed))
         if self._status(None, pod, sb, pod_failed)["phase"] in ("Succeeded", "Failed"):
@@ -470,8 +477,14 @@ class PodController:
             sb.save()
             return
         count = rec.get("restartCount", 0) + (1 if restart else 0)
+        pid_namespace = ""
+        if c.get("targetContainerName"):  # an ephemeral container sees the target's processes
+            target = read_state(sb, c["targetContainerName"])
+            if target.state == "running" and target.pid:
+                pid_namespace = f"/proc/{target.pid}/ns/pid"
         try:
-            await self.runtime.start_container(sb, name, image, process, mounts, resources, count, pod_resources)
+            await self.runtime.start_container(sb, name, image, process, mounts, resources, count, pod_resources,
+                                               pid_namespace)  # fmt: skip
         except (RuntimeError_, OSError) as err:
             rec["waiting"] = {"reason": "CreateContainerError", "message": str(err)}
             await self.recorder.event(obj, "Warning", "Failed", f"Error: {err}")
@@ -670,6 +683,9 @@ class PodController:
         if inits:
             s["initContainerStatuses"] = inits
         s["containerStatuses"] = conts
+        ephemeral = [self._container_status(sb, c, init=True) for c in spec.get("ephemeralContainers") or []]
+        if ephemeral:
+            s["ephemeralContainerStatuses"] = ephemeral  # (init=True: never ready, an exit is final)
         will_restart = policy == "Always" or (policy == "OnFailure" and any(x.exit_code != 0 for x in states))
         if pod_failed:
             phase = "Failed"

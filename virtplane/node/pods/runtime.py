@@ -252,7 +252,8 @@ class PodRuntime:
         return f"{self.cgroup_parent}/{self.cgroup_prefix}-pod{sb.uid}"
 
     async def start_container(self, sb: Sandbox, name: str, image: Image, process: JSON, mounts: list[JSON],
-                              resources: JSON, restart: int, pod_resources: JSON | None = None) -> None:  # fmt: skip
+                              resources: JSON, restart: int, pod_resources: JSON | None = None,
+                              pid_namespace: str = "") -> None:  # fmt: skip
         """Fresh rootfs on the image, bundle, then the shim (its own session) runs `runc run`. With
         `pod_resources` (cgroup v1 under the node's pods parent) the container's cgroup sits in the pod's."""
         await self.remove_container(sb, name, kill=True, keep_logs=True)
@@ -273,7 +274,7 @@ class PodRuntime:
             await asyncio.to_thread(ensure_pod_cgroup, parent, pod_resources)
         spec = oci_spec(process=process, mounts=[*self._sandbox_mounts(sb), *mounts], netns=str(netns.path(sb.netns)),
                         hostname=sb.name, cgroups_path=f"{parent}/{self.cgroup_prefix}-{sb.runc_id(name)}",
-                        resources=resources)  # fmt: skip
+                        resources=resources, pid_namespace=pid_namespace)  # fmt: skip
         (cd / "config.json").write_text(json.dumps(spec))
         log_path = sb.log_path(name, restart)
         shim = str(Path(__file__).with_name("shim.py"))  # run as a script: no package imports, quick start
@@ -317,7 +318,7 @@ class PodRuntime:
 
 
 def oci_spec(*, process: JSON, mounts: list[JSON], netns: str, hostname: str, cgroups_path: str,
-             resources: JSON) -> JSON:  # fmt: skip
+             resources: JSON, pid_namespace: str = "") -> JSON:  # fmt: skip
     caps = list(DEFAULT_CAPS)
     proc = {"terminal": False, "user": {"uid": 0, "gid": 0}, "cwd": "/", "env": [],
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
@@ -341,7 +342,8 @@ def oci_spec(*, process: JSON, mounts: list[JSON], netns: str, hostname: str, cg
         "hostname": hostname,
         "mounts": [*base_mounts, *mounts],
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            "namespaces": [{"type": "pid", **({"path": pid_namespace} if pid_namespace else {})},
+                           {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                            {"type": "network", "path": netns}],
             "cgroupsPath": cgroups_path,
             "resources": {"devices": [{"allow": False, "access": "rwm"}], **resources},

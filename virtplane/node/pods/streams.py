@@ -77,7 +77,8 @@ class PodStreams:
             raise StreamError(404, f'pods "{name}" not found on node {self.controller.node_name}')
         spec = pod.get("spec") or {}
         names = [c["name"] for c in spec.get("containers") or []]
-        all_names = names + [c["name"] for c in spec.get("initContainers") or []]
+        all_names = names + [c["name"] for key in ("initContainers", "ephemeralContainers")
+                             for c in spec.get(key) or []]  # fmt: skip
         container = request.query.get("container", "")
         if not container:
             if len(names) != 1:
