@@ -84,6 +84,8 @@ export const R = {
   deployments: { group: 'apps', plural: 'deployments' },
   clones: { group: 'clone.kubevirt.io', version: 'v1beta1', plural: 'virtualmachineclones' },
   nads: { group: 'k8s.cni.cncf.io', plural: 'network-attachment-definitions' },
+  clusterInstancetypes: { group: 'instancetype.kubevirt.io', version: 'v1beta1', plural: 'virtualmachineclusterinstancetypes' },
+  clusterPreferences: { group: 'instancetype.kubevirt.io', version: 'v1beta1', plural: 'virtualmachineclusterpreferences' },
 };
 
 export function vmAction(ns, name, action) {
@@ -200,4 +202,41 @@ export function age(ts) {
   if (s < 3600) return `${Math.floor(s / 60)}m`;
   if (s < 86400) return `${Math.floor(s / 3600)}h`;
   return `${Math.floor(s / 86400)}d`;
+}
+
+// CDI's upload: an UploadTokenRequest for the volume, then the image body POSTed to the upload proxy (served by the
+// API server under /v1beta1/upload) with that token, as `virtctl image-upload` does. XMLHttpRequest rather than
+// fetch because only it reports upload progress; onProgress(sent, total).
+export async function uploadImage(namespace, pvcName, file, onProgress) {
+  const req = { apiVersion: 'upload.cdi.kubevirt.io/v1beta1', kind: 'UploadTokenRequest',
+    metadata: { name: pvcName, namespace }, spec: { pvcName } };
+  const out = await request('POST', `/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/${namespace}/uploadtokenrequests`, req);
+  const token = out && out.status && out.status.token;
+  if (!token) throw new ApiError(500, { message: 'the API server answered the UploadTokenRequest without a token' });
+  await new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open('POST', '/v1beta1/upload');
+    xhr.setRequestHeader('Authorization', `Bearer ${token}`);
+    xhr.setRequestHeader('Content-Type', 'application/octet-stream');
+    xhr.upload.onprogress = (e) => onProgress(e.loaded, e.lengthComputable ? e.total : file.size);
+    xhr.onload = () => (xhr.status === 200 ? resolve()
+      : reject(new ApiError(xhr.status, { message: `upload failed (HTTP ${xhr.status}): ${xhr.responseText || 'no reason given'}` })));
+    xhr.onerror = () => reject(new ApiError(0, { message: 'the upload was interrupted' }));
+    xhr.send(file);
+  });
+  onProgress(file.size, file.size);
+}
+
+// Resolves with the object once `predicate(obj)` holds, following a watch of that one object (no polling);
+// rejects after timeoutMs with `what` in the message.
+export function waitForObject(res, namespace, name, predicate, timeoutMs, what) {
+  return new Promise((resolve, reject) => {
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => { ctrl.abort(); reject(new ApiError(0, { message: `timed out waiting for ${what}` })); },
+      timeoutMs);
+    listAndWatch(resourcePath(res, namespace), { fieldSelector: `metadata.name=${name}` }, ctrl.signal, (m) => {
+      const obj = m.get(`${namespace || ''}/${name}`) || Array.from(m.values())[0];
+      if (obj && predicate(obj)) { clearTimeout(timer); ctrl.abort(); resolve(obj); }
+    }, () => {});
+  });
 }
