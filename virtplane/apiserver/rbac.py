@@ -215,7 +215,7 @@ class PolicyIndex:
         compiled: dict[tuple[str, str, str], list[Rule]] = {}
 
         def role_rules(kind: str, ns: str, name: str) -> list[Rule]:
-            key = (kind, ns, name)
+            key = (kind, "" if kind == "ClusterRole" else ns, name)  # a ClusterRole is compiled once
             if key not in compiled:
                 if kind == "ClusterRole":
                     raw = self.cluster_role_rules.get(name, [])
