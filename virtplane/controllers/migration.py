@@ -79,17 +79,22 @@ class MigrationController:
         self.policies = informer.Informer(client, POLICIES)
         self.namespaces = informer.Informer(client, NAMESPACES)
         self.queue = informer.WorkQueue(self._reconcile, workers=4, name="migrations")
+        self.kv_queue = informer.WorkQueue(self._reconcile_kubevirt, workers=1, name="kubevirt-topology")
 
     async def start(self) -> None:
         self.vmims.add_handler(lambda _k, o, _old: self.queue.add(informer.key_of(o)))
+        self.kubevirts.add_handler(lambda _k, o, _old: self.kv_queue.add(informer.key_of(o)))
+        self.nodes.add_handler(self._on_node)
         self.vmis.add_handler(self._on_vmi)
         self.pods.add_handler(self._on_pod)
         for inf in (self.vmims, self.vmis, self.pods, self.nodes, self.kubevirts, self.policies,
                     self.namespaces):
             inf.start()
         self.queue.start()
+        self.kv_queue.start()
 
     async def stop(self) -> None:
+        await self.kv_queue.stop()
         await self.queue.stop()
         for inf in (self.vmims, self.vmis, self.pods, self.nodes, self.kubevirts, self.policies,
                     self.namespaces):
@@ -101,11 +106,53 @@ class MigrationController:
             if (m.get("spec") or {}).get("vmiName") == vmi["metadata"]["name"]:
                 self.queue.add(informer.key_of(m))
 
+    def _on_node(self, _kind: str, _node: JSON, _old: JSON | None) -> None:
+        for kv in self.kubevirts.list():  # the topology every KubeVirt CR reports
+            self.kv_queue.add(informer.key_of(kv))
+
     def _on_pod(self, _kind: str, pod: JSON, _old: JSON | None) -> None:
         uid = (pod["metadata"].get("labels") or {}).get(JOB_LABEL)
         for m in self.vmims.list(pod["metadata"].get("namespace")):
             if m["metadata"].get("uid") == uid:
                 self.queue.add(informer.key_of(m))
+
+    # -- the KubeVirt CR's status -----------------------------------------------------------------------
+    async def _reconcile_kubevirt(self, key: informer.Key) -> float | None:
+        """The cluster's topology on every KubeVirt CR, as the seed's single-node rules see it (one node, or
+        none: no live migration, no eviction strategy): a condition `SingleNode` (True with reason
+        SingleReplica, else False with HighlyAvailable, OpenShift's Infrastructure topology names) beside
+        KubeVirt's `Available` and `phase: Deployed`, which install scripts wait for."""
+        if not (self.nodes.synced.is_set() and self.kubevirts.synced.is_set()):
+            return 0.2
+        kv = self.kubevirts.get(*key)
+        if kv is None or kv["metadata"].get("deletionTimestamp"):
+            return None
+        nodes = len(self.nodes.list())
+        now = vmi_ctrl.now_rfc3339()
+        if nodes <= 1:
+            topo = {"type": "SingleNode", "status": "True", "reason": "SingleReplica", "message":
+                    f"{nodes} node: no live migration, no eviction strategy (VMs restart after a node failure)"}
+        else:
+            topo = {"type": "SingleNode", "status": "False", "reason": "HighlyAvailable",
+                    "message": f"{nodes} nodes: live migration and eviction strategies available"}
+        status = copy.deepcopy(kv.get("status") or {})
+        conds = list(status.get("conditions") or [])
+        for cond in ({"type": "Available", "status": "True", "reason": "AllComponentsReady",
+                      "message": "All components are ready."}, topo):  # fmt: skip
+            conds = vmi_ctrl.set_condition(conds, {**cond, "lastProbeTime": now, "lastTransitionTime": now})
+        status["conditions"] = conds
+        status.setdefault("phase", "Deployed")
+        if status == (kv.get("status") or {}):
+            return None
+        body = copy.deepcopy(kv)
+        body["status"] = status
+        try:
+            await self.client.update_status(KUBEVIRTS, body)
+        except rest.Conflict:
+            return 0.2
+        except rest.NotFound:
+            pass
+        return None
 
     # -- configuration ---------------------------------------------------------------------------------
     def config(self, vmi: JSON | None = None) -> JSON:

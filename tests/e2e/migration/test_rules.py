@@ -103,3 +103,30 @@ def test_single_node_cluster_refuses_eviction_strategies_and_migrations(single: 
              what="VMIM Failed")
     failed = single.get("vmim", "solo-mig")
     assert failed is not None and "single-node" in failed["status"]["migrationState"]["failureReason"]
+
+
+def kubevirt_topology(e: Env) -> dict[str, Any] | None:
+    proc = e.kubectl("get", "kubevirt", "topology", "-n", "kubevirt", "-o", "json", check=False)
+    if proc.returncode != 0:
+        return None
+    status = json.loads(proc.stdout).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c.get("type") == "SingleNode"), None)
+
+
+@pytest.mark.parametrize("cluster", ["single", "env"])
+def test_kubevirt_cr_status_reports_the_topology(cluster: str, request: pytest.FixtureRequest) -> None:
+    e: Env = request.getfixturevalue(cluster)
+    e.kubectl("create", "namespace", "kubevirt", check=False)
+    e.apply({"apiVersion": "kubevirt.io/v1", "kind": "KubeVirt", "metadata": {"name": "topology",
+                                                                         "namespace": "kubevirt"}, "spec": {}})
+    try:
+        cond = wait_for(lambda: kubevirt_topology(e), 60, what="the KubeVirt CR's SingleNode condition")
+        if cluster == "single":
+            assert (cond["status"], cond["reason"]) == ("True", "SingleReplica"), cond
+        else:
+            assert (cond["status"], cond["reason"]) == ("False", "HighlyAvailable"), cond
+        kv = json.loads(e.kubectl("get", "kubevirt", "topology", "-n", "kubevirt", "-o", "json").stdout)
+        assert kv["status"]["phase"] == "Deployed"
+        assert any(c["type"] == "Available" and c["status"] == "True" for c in kv["status"]["conditions"])
+    finally:
+        e.kubectl("delete", "kubevirt", "topology", "-n", "kubevirt", check=False)
