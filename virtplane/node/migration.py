@@ -100,6 +100,7 @@ class Progress:
     postcopy: bool = False
     reported: bool = False
     throttled: bool = False
+    max_throttle: int = 0  # QEMU's auto-converge vCPU throttle (query-migrate cpu-throttle-percentage), highest seen
     monitor: asyncio.Task[None] | None = None  # follows QEMU's migration events
 
 
@@ -390,6 +391,7 @@ class NodeMigrations:
         or completionTimeoutPerGiB x guest GiB in all, the migration is aborted."""
         cfg = ms.get("migrationConfiguration") or {}
         ram = info.get("ram") or {}
+        prog.max_throttle = max(prog.max_throttle, int(info.get("cpu-throttle-percentage") or 0))
         remaining = int(ram.get("remaining") or 0)
         transferred = int(ram.get("transferred") or 0)
         now = time.monotonic()
@@ -448,7 +450,8 @@ class NodeMigrations:
         await self.ctl.recorder.event(vmi, "Normal", "MigrationCompleted", (
             f"QEMU migration completed: total-time {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
             f"setup {info.get('setup-time')} ms, {ram.get('transferred', 0)} bytes transferred in "
-            f"{ram.get('dirty-sync-count', 0)} passes"))
+            f"{ram.get('dirty-sync-count', 0)} passes"
+            + (f", auto-converge throttled the vCPUs up to {prog.max_throttle} %" if prog.max_throttle else "")))
 
     async def _source_done(self, key: Key, vmi: JSON, rt: VMIRuntime) -> None:
         """The guest runs on the target now: quit our paused copy, complete our launcher pod, clean up."""
