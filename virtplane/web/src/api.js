@@ -4,7 +4,10 @@ import { useEffect, useRef, useState } from 'react';
 const TOKEN_KEY = 'virtplane-console-token';
 
 export const getToken = () => sessionStorage.getItem(TOKEN_KEY) || '';
-export const setToken = (t) => (t ? sessionStorage.setItem(TOKEN_KEY, t) : sessionStorage.removeItem(TOKEN_KEY));
+export const setToken = (t) => {
+  rulesCache.clear(); // another user: other permissions
+  return t ? sessionStorage.setItem(TOKEN_KEY, t) : sessionStorage.removeItem(TOKEN_KEY);
+};
 
 // A failed call, carrying the Kubernetes Status (code, reason, message, details.causes).
 export class ApiError extends Error {
@@ -239,4 +242,51 @@ export function waitForObject(res, namespace, name, predicate, timeoutMs, what) 
       if (obj && predicate(obj)) { clearTimeout(timer); ctrl.abort(); resolve(obj); }
     }, () => {});
   });
+}
+
+// ---- what the logged-in user may do: SelfSubjectRulesReview per namespace, cached for a minute (RBAC changes
+// reach the console within that), shared by every page. Until a namespace's rules arrive everything looks
+// allowed (the server decides anyway); a server without the review API leaves everything allowed.
+const rulesCache = new Map(); // namespace -> {at, rules|null, loading}
+const rulesListeners = new Set();
+const RULES_TTL_MS = 60_000;
+
+function loadRules(namespace) {
+  const entry = rulesCache.get(namespace) || { at: 0, rules: null };
+  if (entry.loading) return;
+  rulesCache.set(namespace, { ...entry, loading: true });
+  const body = { apiVersion: 'authorization.k8s.io/v1', kind: 'SelfSubjectRulesReview', spec: { namespace } };
+  request('POST', '/apis/authorization.k8s.io/v1/selfsubjectrulesreviews', body)
+    .then((out) => ((out && out.status && out.status.resourceRules) || []))
+    .catch(() => null)
+    .then((rules) => {
+      rulesCache.set(namespace, { at: Date.now(), rules, loading: false });
+      for (const fn of rulesListeners) fn();
+    });
+}
+
+const matches = (list, value) => (list || []).some((x) => x === '*' || x === value);
+
+// Whether RBAC resource rules allow `verb` on group/resource (resource may be "plural/subresource").
+export function rulesAllow(rules, verb, group, resource) {
+  return rules.some((r) => !(r.resourceNames && r.resourceNames.length) && matches(r.verbs, verb)
+    && matches(r.apiGroups, group)
+    && (matches(r.resources, resource) || (resource.includes('/') && (r.resources || []).includes(`${resource.split('/')[0]}/*`))));
+}
+
+// can(namespace, verb, group, resource) for the logged-in user; re-renders the caller when rules arrive.
+export function usePermissions() {
+  const [, bump] = useState(0);
+  useEffect(() => {
+    const fn = () => bump((x) => x + 1);
+    rulesListeners.add(fn);
+    return () => rulesListeners.delete(fn);
+  }, []);
+  return (namespace, verb, group, resource) => {
+    const ns = namespace || '';
+    const entry = rulesCache.get(ns);
+    if (!entry || (!entry.loading && Date.now() - entry.at > RULES_TTL_MS)) loadRules(ns);
+    if (!entry || !entry.rules) return true;
+    return rulesAllow(entry.rules, verb, group, resource);
+  };
 }

@@ -1,4 +1,4 @@
-import { useEffect, useMemo, useState } from 'react';
+import { useEffect, useState } from 'react';
 import {
   Alert, Button, DescriptionList, DescriptionListDescription, DescriptionListGroup, DescriptionListTerm, Label,
   PageSection, Tab, TabTitleText, Tabs, TextArea, Title, Toolbar, ToolbarContent, ToolbarItem, Breadcrumb,
@@ -6,7 +6,7 @@ import {
 } from '@patternfly/react-core';
 import { Table, Tbody, Td, Th, Thead, Tr } from '@patternfly/react-table';
 import * as yaml from 'js-yaml';
-import { R, age, get, getText, request, resourcePath, useWatch } from '../api.js';
+import { R, age, get, getText, request, resourcePath, usePermissions, useWatch } from '../api.js';
 import {
   ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, condition, migratable, runAction, vmStatus,
 } from './common.jsx';
@@ -395,7 +395,8 @@ export function VMDetails({ namespace, name, tab }) {
   const [confirm, setConfirm] = useState(null);
   const [dialog, setDialog] = useState(null);
   const [error, setError] = useState(null);
-  const allowed = useMemo(() => (vm ? allowedActions(vm, vmi) : {}), [vm, vmi]);
+  const can = usePermissions();
+  const allowed = vm ? allowedActions(vm, vmi, can) : {};
   if (!vm) {
     return (
       <PageSection>

@@ -1,10 +1,10 @@
-import { useMemo, useState } from 'react';
+import { useEffect, useMemo, useState } from 'react';
 import {
   Alert, Button, FormSelect, FormSelectOption, Label, PageSection, Pagination, SearchInput, TextInput, Title,
   Toolbar, ToolbarContent, ToolbarGroup, ToolbarItem,
 } from '@patternfly/react-core';
 import { ActionsColumn, Table, Tbody, Td, Th, Thead, Tr } from '@patternfly/react-table';
-import { R, age, keyOf, useWatch } from '../api.js';
+import { R, age, keyOf, usePermissions, useWatch } from '../api.js';
 import {
   ACTION_LABELS, ConfirmModal, ErrorAlert, StatusLabel, allowedActions, migratable, runAction, trueConditions, vmStatus,
   vmiIPs,
@@ -44,8 +44,14 @@ function labelFilter(text) {
 }
 
 export function VMList() {
-  const vms = useWatch(R.vms);
-  const vmis = useWatch(R.vmis);
+  // A user who may not list VMs in every namespace (RBAC) gets one namespace's, chosen in the namespace filter.
+  const [scope, setScope] = useState(undefined);
+  const vms = useWatch(R.vms, { namespace: scope });
+  const vmis = useWatch(R.vmis, { namespace: scope });
+  useEffect(() => {
+    if (scope === undefined && vms.error && vms.error.code === 403) setScope('default');
+  }, [vms.error, scope]);
+  const can = usePermissions();
   const [search, setSearch] = useState('');
   const [ns, setNs] = useState('');
   const [status, setStatus] = useState('');
@@ -67,7 +73,8 @@ export function VMList() {
     };
   }), [vms.items, vmiByKey]);
 
-  const namespaces = useMemo(() => [...new Set(rows.map((r) => r.vm.metadata.namespace))].sort(), [rows]);
+  const namespaces = useMemo(() => [...new Set([...rows.map((r) => r.vm.metadata.namespace), ...(scope ? [scope] : [])])].sort(),
+    [rows, scope]);
   const statuses = useMemo(() => [...new Set(rows.map((r) => r.status))].sort(), [rows]);
 
   const filtered = useMemo(() => {
@@ -91,7 +98,7 @@ export function VMList() {
   const toggle = (key, on) => setSelected((s) => { const n = new Set(s); if (on) n.add(key); else n.delete(key); return n; });
   const allOnPage = pageRows.length > 0 && pageRows.every((r) => selected.has(r.key));
 
-  const ask = (action, targets) => setConfirm({ action, targets: targets.filter((r) => allowedActions(r.vm, r.vmi)[action]) });
+  const ask = (action, targets) => setConfirm({ action, targets: targets.filter((r) => allowedActions(r.vm, r.vmi, can)[action]) });
   const perform = async () => {
     const { action, targets } = confirm;
     const outcomes = await Promise.allSettled(targets.map((r) => runAction(action, r.vm)));
@@ -105,7 +112,7 @@ export function VMList() {
   };
 
   const bulk = (action) => {
-    const n = selectedRows.filter((r) => allowedActions(r.vm, r.vmi)[action]).length;
+    const n = selectedRows.filter((r) => allowedActions(r.vm, r.vmi, can)[action]).length;
     return (
       <ToolbarItem key={action}>
         <Button variant={action === 'delete' ? 'danger' : 'secondary'} isDisabled={n === 0}
@@ -134,8 +141,8 @@ export function VMList() {
               onChange={(_e, v) => { setSearch(v); setPage(1); }} onClear={() => setSearch('')} />
           </ToolbarItem>
           <ToolbarItem>
-            <FormSelect value={ns} onChange={(_e, v) => { setNs(v); setPage(1); }} aria-label="Namespace">
-              <FormSelectOption value="" label="All namespaces" />
+            <FormSelect value={scope || ns} onChange={(_e, v) => { if (scope) setScope(v || 'default'); setNs(v); setPage(1); }} aria-label="Namespace">
+              {!scope && <FormSelectOption value="" label="All namespaces" />}
               {namespaces.map((n) => <FormSelectOption key={n} value={n} label={n} />)}
             </FormSelect>
           </ToolbarItem>
@@ -153,7 +160,8 @@ export function VMList() {
             {['start', 'stop', 'restart', 'delete'].map(bulk)}
           </ToolbarGroup>
           <ToolbarItem>
-            <Button variant="primary" component="a" href="#/vms/~new">Create VirtualMachine</Button>
+            <Button variant="primary" component="a" href="#/vms/~new" data-testid="create-vm"
+              isAriaDisabled={!can(ns || 'default', 'create', 'kubevirt.io', 'virtualmachines')}>Create VirtualMachine</Button>
           </ToolbarItem>
           <ToolbarItem>
             <span data-testid="vm-count" data-count={filtered.length} data-total={rows.length}>
@@ -181,7 +189,7 @@ export function VMList() {
         </Thead>
         <Tbody>
           {pageRows.map((r, rowIndex) => {
-            const allowed = allowedActions(r.vm, r.vmi);
+            const allowed = allowedActions(r.vm, r.vmi, can);
             const { namespace, name } = r.vm.metadata;
             return (
               <Tr key={r.key} data-vm={name} data-status={r.status}>
@@ -204,7 +212,7 @@ export function VMList() {
                     { title: ACTION_LABELS.migrate, isDisabled: !allowed.migrate, onClick: () => setDialog({ action: 'migrate', key: r.key }),
                       description: !allowed.migrate && r.vmi ? migratable(r.vmi).reason : undefined },
                     { title: ACTION_LABELS.clone, isDisabled: !allowed.clone, onClick: () => setDialog({ action: 'clone', key: r.key }) },
-                    { title: 'Open console', isDisabled: !allowed.restart,
+                    { title: 'Open console', isDisabled: !allowed.console,
                       onClick: () => { location.hash = `/vms/${namespace}/${name}/console`; } },
                     { title: ACTION_LABELS.ssh, onClick: () => setDialog({ action: 'ssh', key: r.key }) },
                   ]} />

@@ -20,7 +20,35 @@ export function isRunning(vm, vmi) {
 }
 
 // Which actions the server would accept now (it answers 409 otherwise).
-export function allowedActions(vm, vmi) {
+const SUB = 'subresources.kubevirt.io';
+// The RBAC check behind each action: (verb, API group, resource) as the server authorizes the request.
+export const ACTION_PERMISSIONS = {
+  start: ['update', SUB, 'virtualmachines/start'],
+  stop: ['update', SUB, 'virtualmachines/stop'],
+  forcestop: ['update', SUB, 'virtualmachines/stop'],
+  restart: ['update', SUB, 'virtualmachines/restart'],
+  pause: ['update', SUB, 'virtualmachineinstances/pause'],
+  unpause: ['update', SUB, 'virtualmachineinstances/unpause'],
+  delete: ['delete', 'kubevirt.io', 'virtualmachines'],
+  migrate: ['create', 'kubevirt.io', 'virtualmachineinstancemigrations'],
+  clone: ['create', 'clone.kubevirt.io', 'virtualmachineclones'],
+  console: ['get', SUB, 'virtualmachineinstances/console'],
+};
+
+// What the server would accept for this VM now: its state, and (with `can` from usePermissions) the user's RBAC.
+export function allowedActions(vm, vmi, can) {
+  const byState = stateActions(vm, vmi);
+  if (!can) return byState;
+  const out = {};
+  for (const [a, ok] of Object.entries(byState)) {
+    const perm = ACTION_PERMISSIONS[a];
+    out[a] = ok && (!perm || can(vm.metadata.namespace, ...perm));
+  }
+  out.console = byState.restart && can(vm.metadata.namespace, ...ACTION_PERMISSIONS.console);
+  return out;
+}
+
+function stateActions(vm, vmi) {
   const running = isRunning(vm, vmi);
   const paused = Boolean(vmi && ((vmi.status && vmi.status.conditions) || []).some((c) => c.type === 'Paused' && c.status === 'True'));
   const strategy = (vm.spec && vm.spec.runStrategy) || (vm.spec && vm.spec.running ? 'Always' : 'Halted');
