@@ -81,7 +81,9 @@ def bench_env(nodes: int = 1, log_level: str = "warning") -> Iterator[Env]:
     with tempfile.TemporaryDirectory(prefix="vpb-", dir="/tmp") as tmp_name:
         tmp = Path(tmp_name)
         with guest.registry_with_containerdisk(tmp / "registry") as (_, image):
-            cluster = Cluster(tmp / "c", extra_args=("--nodes", str(nodes), "--log-level", log_level))
+            # --no-node-netns: the agents reach the bench registry on 127.0.0.1
+            cluster = Cluster(tmp / "c", extra_args=("--nodes", str(nodes), "--no-node-netns",
+                                                     "--log-level", log_level))  # fmt: skip
             cluster.start(timeout=120)
             try:
                 yield Env(tmp, cluster, image)

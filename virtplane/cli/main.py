@@ -93,6 +93,8 @@ def prepare_apiserver(args: argparse.Namespace, extra_hosts: tuple[str, ...] = (
 
 
 async def run_apiserver(args: argparse.Namespace, *, with_controllers: bool) -> int:
+    if with_controllers:
+        args.node_netns = nodes.use_node_netns(args.nodes, args.node_netns)
     if with_controllers and getattr(args, "pod_network", "user") == "cni" and args.nodes > 1 \
             and not args.node_netns:
         # In one netns every node's pod bridge, gateway address and subnet routes would be host-global and
@@ -252,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="run the all-in-one cluster in the foreground")
     add_server_flags(up)
     up.add_argument("--nodes", type=int, default=1, help="number of node agents")
-    up.add_argument("--node-netns", action="store_true",
+    up.add_argument("--node-netns", action=argparse.BooleanOptionalAction, default=None,
                     help="each node agent in its own network namespace on a bridge the cluster creates (root); "
-                         "the namespaces stay when `up` exits (its VMs keep running in them)")
+                         "the namespaces stay when `up` exits (its VMs keep running in them). Default: on with "
+                         "--nodes > 1 when run as root, off otherwise (the agents then share the host's network)")
     up.add_argument("--pod-network", choices=("user", "cni"), default="user",
                     help="the node agents' pod network (see `virtplane node --pod-network`); cni needs root, and "
                          "with several nodes --node-netns (each node's pod bridge and subnet live in its netns; "

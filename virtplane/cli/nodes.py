@@ -23,6 +23,15 @@ def node_name(index: int) -> str:
     return f"virtplane-node-{index}"
 
 
+def use_node_netns(count: int, requested: bool | None) -> bool:
+    """`up --nodes N`: each agent in its own network namespace unless told otherwise, when there is more than
+    one node (so that traffic between nodes, a migration stream, crosses a network) and we may create
+    namespaces (root); an explicit --node-netns / --no-node-netns wins."""
+    if requested is not None:
+        return requested
+    return count > 1 and os.geteuid() == 0
+
+
 def pod_network_args(mode: str, index: int) -> tuple[str, ...]:
     """`virtplane node` flags for node `index` of `up`: with the CNI pod network, its own pod subnet
     (10.244.<index>.0/24, the one published as Node.spec.podCIDR and routed to by the other nodes)."""
