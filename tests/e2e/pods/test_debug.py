@@ -42,3 +42,28 @@ spec:
                        check=False)  # fmt: skip
     assert proc.returncode != 0 and 'existing ephemeral containers "dbg" may not be removed' in proc.stderr, proc.stderr
     env.kubectl("delete", "pod", "debugme", "--wait=true")
+
+
+def test_a_finished_pod_stops_its_debug_container(env: PodEnv) -> None:
+    env.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: shortlived}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: job, image: {env.image}, command: ["sh", "-c", "sleep 6"]}}
+""")
+    env.wait_pod("shortlived", lambda p: (p.get("status") or {}).get("phase") == "Running", what="Running")
+    env.kubectl("debug", "shortlived", "-c", "dbg", f"--image={env.image}", "--", "sleep", "3600")
+
+    def dbg_state(p: dict[str, Any]) -> dict[str, Any]:
+        st = {s["name"]: s for s in (p.get("status") or {}).get("ephemeralContainerStatuses") or []}
+        return st.get("dbg", {}).get("state") or {}
+
+    env.wait_pod("shortlived", lambda p: "running" in dbg_state(p), timeout=30, what="the debug container runs")
+    pod = env.wait_pod("shortlived", lambda p: p["status"]["phase"] == "Succeeded" and "terminated" in dbg_state(p),
+                       timeout=60, what="Succeeded, its debug container stopped")  # fmt: skip
+    assert dbg_state(pod)["terminated"]["exitCode"] == 137, pod["status"]  # killed with the pod's end
+    env.kubectl("delete", "pod", "shortlived", "--wait=true")

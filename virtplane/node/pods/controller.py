@@ -293,14 +293,18 @@ class PodController:
             # Finished for good: nothing runs or restarts any more. Its IP goes back to the pool (as the kubelet
             # stops the sandbox); logs and status stay until the pod is deleted. No more polling.
             pod_rec = sb.containers.setdefault("__pod__", {})
+            every = [*inits, *conts, *(spec.get("ephemeralContainers") or [])]
             if not pod_rec.get("networkReleased"):
-                for c in [*inits, *conts]:
+                for c in every:
                     if read_state(sb, c["name"]).state in ("running", "starting"):
-                        await self.runtime.signal(sb, c["name"], signal.SIGKILL)  # a still running init, on failure
+                        # a still running init (on failure) or debug container: the pod is over
+                        await self.runtime.signal(sb, c["name"], signal.SIGKILL)
                 await self.runtime.release_network(sb)
                 pod_rec["networkReleased"] = True
                 sb.save()
-            return None
+            # polled until what was killed has ended, to report it terminated
+            return POLL_SECONDS if any(read_state(sb, c["name"]).state in ("running", "starting")
+                                       for c in every) else None  # fmt: skip
         return POLL_SECONDS
 
     async def _probe(self, pod: JSON, sb: Sandbox, conts: list[JSON]) -> None:
