@@ -3,6 +3,7 @@
 
 - from the catalog: a preference card (Fedora) and an instance type (u1.small); a too-small instance type is
   warned about; the VM boots and its VMI carries the instance type's memory and the preference's disk bus;
+- scheduling and an SSH key set from the Configuration tab of a stopped VM land in its template;
 - an image uploaded from the browser (CDI upload: DataVolume, UploadTokenRequest, upload proxy) with a progress
   bar, then the VM boots from it.
 """
@@ -25,6 +26,8 @@ from virtplane.testing.waiting import wait_for
 pytestmark = pytest.mark.e2e
 CATALOG_VM = "web-catalog"
 UPLOAD_VM = "web-upload"
+SCHED_VM = "web-sched"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGv0eQz6YV7i6Ub9b0ZtQ2W1yA0e8vJ4mZ1kQ3c5Xw9a web@test"
 BOOT = 240  # seconds: a TCG guest on a loaded 2-core machine
 
 
@@ -34,7 +37,8 @@ def image(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterato
         try:
             yield ref
         finally:
-            cluster.kubectl("delete", "vm", CATALOG_VM, UPLOAD_VM, "--ignore-not-found", "--wait=false", check=False)
+            cluster.kubectl("delete", "vm", CATALOG_VM, UPLOAD_VM, SCHED_VM, "--ignore-not-found", "--wait=false",
+                            check=False)
             cluster.kubectl("delete", "dv", f"{UPLOAD_VM}-rootdisk", "--ignore-not-found", "--wait=false",
                             check=False)
 
@@ -85,7 +89,8 @@ def open_create(page: Any) -> None:
 def test_create_from_the_catalog_with_an_instancetype(page: Any, cluster: Cluster, image: str) -> None:
     open_create(page)
     page.get_by_test_id("pref-fedora").wait_for()
-    page.get_by_test_id("pref-fedora").click()
+    page.locator("#pref-sel-fedora").check(force=True)  # the card's radio
+    page.get_by_text("Preference fedora: fills in").wait_for()
     page.locator("#instancetype").select_option("u1.nano")
     warning = page.get_by_test_id("requirements-warning")
     warning.wait_for()
@@ -138,3 +143,38 @@ def test_upload_an_image_from_the_browser_and_boot_from_it(page: Any, cluster: C
     wait_for(lambda: booted(cluster, UPLOAD_VM), BOOT, what=f"{UPLOAD_VM} booted from the uploaded image")
     shot(page, "22-upload-vm")
     cluster.kubectl("delete", "vm", UPLOAD_VM, "--wait=false")
+
+
+def test_scheduling_and_ssh_key_from_the_configuration_tab(page: Any, cluster: Cluster, image: str) -> None:
+    vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": SCHED_VM},
+          "spec": {"runStrategy": "Halted", "template": {"spec": {
+              "domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}},
+                                               {"name": "ci", "disk": {"bus": "virtio"}}]},
+                         "resources": {"requests": {"memory": "128Mi"}}},
+              "volumes": [{"name": "root", "containerDisk": {"image": image}},
+                          {"name": "ci", "cloudInitNoCloud": {"userData": "#cloud-config\nhostname: sched\n"}}]}}}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(vm))
+    page.goto(page.url.split("#")[0] + f"#/vms/default/{SCHED_VM}/configuration")
+    page.locator("#node-selector").fill("kubernetes.io/os=linux\ndisk=any")
+    page.locator("#tolerations").fill("- key: dedicated\n  operator: Exists\n  effect: NoSchedule\n")
+    page.locator("#eviction-strategy").select_option("LiveMigrateIfPossible")
+    page.locator("#ssh-keys").fill(KEY)
+    page.get_by_role("button", name="Save scheduling and SSH key").click()
+    # the server's refusal is shown as it words it (no live migration on a one-node cluster), nothing written
+    page.get_by_text("this is a single-node cluster").first.wait_for()
+    page.locator("#eviction-strategy").select_option("None")
+    page.get_by_role("button", name="Save scheduling and SSH key").click()
+    page.get_by_test_id("scheduling-saved").wait_for()
+    shot(page, "23-configuration-scheduling")
+    spec = json.loads(cluster.kubectl("get", "vm", SCHED_VM, "-o", "json").stdout)["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "disk": "any"}
+    assert spec["tolerations"] == [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["evictionStrategy"] == "None"
+    user_data = spec["volumes"][1]["cloudInitNoCloud"]["userData"]
+    assert user_data.startswith("#cloud-config\n") and "hostname: sched" in user_data
+    assert KEY in user_data and "ssh_authorized_keys" in user_data
+    # a bad selector line is refused in the form, nothing is written
+    page.locator("#node-selector").fill("no-equals-sign")
+    page.get_by_role("button", name="Save scheduling and SSH key").click()
+    page.get_by_text('node selector line "no-equals-sign" is not key=value').wait_for()
+    cluster.kubectl("delete", "vm", SCHED_VM, "--wait=false")

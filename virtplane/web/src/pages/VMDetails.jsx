@@ -12,6 +12,7 @@ import {
 } from './common.jsx';
 import { ActionDialog } from './VMActions.jsx';
 import { SerialConsole, VNCConsole } from './Consoles.jsx';
+import { SchedulingSection } from './Scheduling.jsx';
 
 const TABS = ['overview', 'configuration', 'yaml', 'events', 'console', 'diagnostics'];
 const TAB_TITLES = {
@@ -278,6 +279,7 @@ function ConfigurationTab({ vm, vmi }) {
         <ToolbarItem><Button onClick={add} isDisabled={!source}>Add disk</Button></ToolbarItem>
       </ToolbarContent></Toolbar>
       <NICSection vm={vm} vmi={vmi} />
+      <SchedulingSection vm={vm} vmi={vmi} />
     </>
   );
 }
