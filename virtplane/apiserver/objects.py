@@ -826,6 +826,25 @@ class ObjectStore:
         page = await self.list(nodes, None)
         return len(page.items) == 1
 
+    async def shared_key(self, namespace: str, name: str) -> bytes:
+        """A random 32-byte key kept in Secret `namespace/name` (created on first use, the first creator wins), so
+        that every API server over this store signs and checks with the same one."""
+        res = self.registry.lookup("", "v1", "secrets")
+        assert res is not None
+        secret = await self.try_get(res, namespace, name)
+        if secret is None:
+            body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "data": {"key": base64.b64encode(secrets.token_bytes(32)).decode()}}
+            try:
+                await self.create(res, namespace, body,
+                                  WriteOptions(field_manager="virtplane-apiserver", privileged=True))
+            except errors.StatusError as exc:
+                if exc.code != 409:
+                    raise
+            secret = await self.get(res, namespace, name)
+        return base64.b64decode((secret.get("data") or {})["key"])
+
     async def _check_namespace_open(self, namespace: str) -> None:
         key = self._ns_res.key(None, namespace)
         state = self.namespaces.lookup(key)

@@ -13,8 +13,6 @@ authenticated user); the answers come from the same authorizer the API server en
 
 from __future__ import annotations
 
-import base64
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -141,21 +139,7 @@ async def signing_key(server: APIServer) -> bytes:
     cached: bytes | None = getattr(server, "_vp_signing_key", None)
     if cached:
         return cached
-    res = server.registry.lookup("", "v1", "secrets")
-    assert res is not None
-    ns, name = auth.SIGNING_KEY_SECRET
-    secret = await server.objects.try_get(res, ns, name)
-    if secret is None:
-        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": name, "namespace": ns},
-                "data": {"key": base64.b64encode(secrets.token_bytes(32)).decode()}}
-        try:
-            await server.objects.create(res, ns, body, objects.WriteOptions(field_manager="virtplane-apiserver",
-                                                                              privileged=True))
-        except errors.StatusError as exc:
-            if exc.code != 409:
-                raise
-        secret = await server.objects.get(res, ns, name)
-    key = base64.b64decode((secret.get("data") or {})["key"])
+    key = await server.objects.shared_key(*auth.SIGNING_KEY_SECRET)
     server._vp_signing_key = key  # type: ignore[attr-defined]
     return key
 

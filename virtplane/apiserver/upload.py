@@ -18,17 +18,15 @@ for these paths); everything else passes through untouched.
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
-import secrets
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from virtplane.apiserver import errors, handlers, objects
+from virtplane.apiserver import errors, handlers
 from virtplane.storage import upload as upload_store
 
 if TYPE_CHECKING:
@@ -59,21 +57,7 @@ def register(server: APIServer) -> None:
 
 async def token_key(server: APIServer) -> bytes:
     """The shared HMAC key (Secret kube-system/virtplane-upload-token-key), created on first use."""
-    res = server.registry.lookup("", "v1", "secrets")
-    assert res is not None
-    ns, name = upload_store.TOKEN_SECRET
-    secret = await server.objects.try_get(res, ns, name)
-    if secret is None:
-        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": name, "namespace": ns},
-                "data": {"key": base64.b64encode(secrets.token_bytes(32)).decode()}}
-        try:
-            await server.objects.create(res, ns, body, objects.WriteOptions(field_manager="virtplane-apiserver",
-                                                                              privileged=True))
-        except errors.StatusError as exc:
-            if exc.code != 409:
-                raise
-        secret = await server.objects.get(res, ns, name)
-    return base64.b64decode((secret.get("data") or {})["key"])
+    return await server.objects.shared_key(*upload_store.TOKEN_SECRET)
 
 
 async def _api(server: APIServer, request: web.Request) -> web.StreamResponse:
